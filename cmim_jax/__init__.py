@@ -1,0 +1,13 @@
+"""cmim_jax: binary neural networks in JAX/Flax.
+
+Layers, from the bottom up (nothing below imports anything above):
+
+* ``binarize``: pure binarization functions with straight-through gradients.
+* ``layers``: Flax binary layers built on them.
+* ``models``: CIFAR/ImageNet BNN architectures and their FP twins.
+* ``losses``: cross entropy, InfoNCE, the CMIM loss.
+* ``train``: the per-device training step and the loop.
+* ``input_pipeline``, ``main``: data and the command line, at the edges.
+"""
+
+__version__ = "0.1.0"
