@@ -1,0 +1,61 @@
+"""Optimizers and learning-rate schedules, built from optax pieces."""
+
+from __future__ import annotations
+
+import optax
+from flax import traverse_util
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "constant", "linear")
+
+
+def kernel_mask(params):
+  """True for every leaf called ``kernel``: weight decay hits kernels only."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
+
+
+def learning_rate_schedule(*, base_lr: float, total_steps: int, warmup_steps: int,
+                           schedule: str = "cosine") -> optax.Schedule:
+  """Linear warm-up from 0 to ``base_lr``, then cosine/linear decay to 0 (or constant)."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"config.lr_schedule={schedule!r} is not one of {SCHEDULES}.")
+  warmup_steps = min(warmup_steps, total_steps)
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if schedule == "cosine":
+    decay = optax.cosine_decay_schedule(base_lr, decay_steps)
+  elif schedule == "linear":
+    decay = optax.linear_schedule(base_lr, 0.0, decay_steps)
+  else:
+    decay = optax.constant_schedule(base_lr)
+  if warmup_steps == 0:
+    return decay
+  warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
+  return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def create_optimizer(*, name: str, learning_rate: optax.Schedule, momentum: float = 0.9,
+                     weight_decay: float = 0.0, decay_kernels_only: bool = True
+                     ) -> optax.GradientTransformation:
+  """SGD (momentum, PyTorch-style coupled L2), Adam (coupled L2) or AdamW.
+
+  Args:
+    name: one of ``'sgd'``, ``'adam'``, ``'adamw'``.
+    learning_rate: a schedule (or float).
+    momentum: SGD momentum.
+    weight_decay: L2 coefficient (SGD, Adam) or decoupled decay (AdamW).
+    decay_kernels_only: decay only leaves named ``kernel`` (not BatchNorm
+      scales/biases, binarizer shifts or WSD parameters).
+  """
+  mask = kernel_mask if decay_kernels_only else None
+  if name == "adamw":
+    return optax.adamw(learning_rate, weight_decay=weight_decay, mask=mask)
+  if name == "sgd":
+    base = optax.sgd(learning_rate, momentum=momentum or None)
+  elif name == "adam":
+    base = optax.adam(learning_rate)
+  else:
+    raise ValueError(f"config.optimizer={name!r} is not one of {OPTIMIZERS}.")
+  if weight_decay == 0.0:
+    return base
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask), base)

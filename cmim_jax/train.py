@@ -1,0 +1,398 @@
+"""Training and evaluation: the per-device step, written once, and the loop.
+
+The step functions take the named axis ``'data'`` and use its collectives:
+gradients, metrics and BatchNorm statistics are ``pmean``-ed, BatchNorm
+normalises with global-batch statistics (``bn_axis_name``) and the CMIM
+InfoNCE gathers its negatives from every device. :mod:`cmim_jax.parallel` runs
+them under ``jax.shard_map`` + ``jit`` (default) or ``jax.pmap``.
+
+Everything that touches files (checkpoints, metrics) lives in the loop
+(:func:`train_and_evaluate`, :func:`evaluate_checkpoint`); the steps are pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from cmim_jax import binarize
+from cmim_jax import checkpointing
+from cmim_jax import input_pipeline
+from cmim_jax import losses
+from cmim_jax import metric_writers
+from cmim_jax import models
+from cmim_jax import optim
+from cmim_jax.parallel import AXIS, Parallel, first_copy_to_host
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs; a pytree of arrays.
+
+  ``params`` is ``{'model': ..., 'heads': ...}``: the BNN and the CMIM
+  projection heads (empty when CMIM is off), trained by one optimizer.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """The static parts of a step: modules, optimizer and hyper-parameters."""
+  model: nn.Module
+  heads: losses.CMIMHeads | None
+  tx: optax.GradientTransformation
+  learning_rate: optax.Schedule
+  info: Any
+  augment: str
+  cmim_weight: float
+  temperature: float
+  axis_name: str = AXIS
+
+  @property
+  def layers(self) -> tuple[str, ...]:
+    return tuple(self.heads.layers) if self.heads is not None else ()
+
+
+# --------------------------------------------------------------------------
+# Construction
+# --------------------------------------------------------------------------
+
+REQUIRED_KEYS = (
+    "seed", "data.name", "data.source", "data.data_dir", "data.train_split",
+    "data.eval_split", "model.name", "cmim.weight", "cmim.temperature",
+    "cmim.layers", "cmim.embed_dim", "batch_size", "num_epochs",
+    "num_train_steps", "optimizer", "learning_rate", "weight_decay",
+    "warmup_epochs", "log_every_steps", "eval_every_steps",
+    "checkpoint_every_steps", "parallel")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` naming the first missing key or bad value."""
+  for key in REQUIRED_KEYS:
+    node = config
+    for part in key.split("."):
+      if part not in node:
+        raise ValueError(f"config has no key {key!r}; start from configs/default.py.")
+      node = node[part]
+  def check(ok, key, value, want):
+    if not ok:
+      raise ValueError(f"config.{key}={value!r} is invalid: {want}.")
+  check(config.batch_size > 0, "batch_size", config.batch_size, "must be > 0")
+  check(config.num_epochs > 0 or config.num_train_steps > 0, "num_epochs",
+        config.num_epochs, "num_epochs or num_train_steps must be > 0")
+  check(config.learning_rate > 0, "learning_rate", config.learning_rate, "must be > 0")
+  check(config.weight_decay >= 0, "weight_decay", config.weight_decay, "must be >= 0")
+  check(config.optimizer in optim.OPTIMIZERS, "optimizer", config.optimizer,
+        f"must be one of {optim.OPTIMIZERS}")
+  check(config.cmim.weight >= 0, "cmim.weight", config.cmim.weight, "must be >= 0")
+  check(config.cmim.temperature > 0, "cmim.temperature", config.cmim.temperature, "must be > 0")
+  check(config.cmim.embed_dim > 0, "cmim.embed_dim", config.cmim.embed_dim, "must be > 0")
+  for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    check(config[key] > 0, key, config[key], "must be > 0")
+  Parallel(config.parallel)  # validates the mode
+
+
+def _model_kwargs(config) -> dict:
+  kwargs = {}
+  for key in ("input_quantizer", "kernel_quantizer"):
+    if config.model.get(key):
+      kwargs[key] = config.model[key]
+  if config.model.get("dtype") and config.model.dtype != "float32":
+    kwargs["dtype"] = jnp.dtype(config.model.dtype)
+  return kwargs
+
+
+def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
+               steps_per_epoch: int) -> Task:
+  """Model, heads (CMIM taps chosen from the model's binary layers), optimizer."""
+  model = models.get_model(config.model.name, num_classes=info.num_classes,
+                           bn_axis_name=AXIS, **_model_kwargs(config))
+  heads = None
+  if config.cmim.weight > 0:
+    x = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
+    probe = model.clone(bn_axis_name=None)
+    def sown(x):
+      variables = probe.init(jax.random.PRNGKey(0), x, train=False)
+      return probe.apply(variables, x, train=False, mutable=[losses.BINARY_ACTS])[1]
+    acts = jax.eval_shape(sown, x).get(losses.BINARY_ACTS, {})
+    paths = losses.binary_layer_paths(acts)
+    if not paths:
+      raise ValueError(f"model {config.model.name!r} has no binary layers to tap; "
+                       "set cmim.weight=0 for full-precision models.")
+    layers = losses.select_layers(paths, config.cmim.layers)
+    heads = losses.CMIMHeads(layers=tuple(layers), embed_dim=config.cmim.embed_dim)
+  lr = optim.learning_rate_schedule(
+      base_lr=config.learning_rate, total_steps=total_steps,
+      warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
+      schedule=config.get("lr_schedule", "cosine"))
+  tx = optim.create_optimizer(
+      name=config.optimizer, learning_rate=lr, momentum=config.get("momentum", 0.9),
+      weight_decay=config.weight_decay,
+      decay_kernels_only=config.get("decay_kernels_only", True))
+  return Task(model=model, heads=heads, tx=tx, learning_rate=lr, info=info,
+              augment=config.data.get("augment", "none"),
+              cmim_weight=float(config.cmim.weight),
+              temperature=float(config.cmim.temperature))
+
+
+def init_state(task: Task, rng: jax.Array) -> TrainState:
+  """Initial state (call under ``jit`` with replicated ``out_shardings``)."""
+  model_rng, heads_rng, state_rng = jax.random.split(rng, 3)
+  model = task.model.clone(bn_axis_name=None)
+  x = jnp.zeros((1,) + tuple(task.info.image_shape), jnp.float32)
+  variables = model.init(model_rng, x, train=False)
+  params = {"model": variables["params"], "heads": {}}
+  if task.heads is not None:
+    _, acts = model.apply(variables, x, train=False, mutable=[losses.BINARY_ACTS])
+    taps = losses.tapped_activations(acts[losses.BINARY_ACTS], task.layers)
+    params["heads"] = task.heads.init(heads_rng, taps)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=task.tx.init(params), rng=state_rng)
+
+
+# --------------------------------------------------------------------------
+# Per-device steps
+# --------------------------------------------------------------------------
+
+def preprocess(task: Task, rng: jax.Array | None, images: jax.Array, *,
+               offset: jax.Array, train: bool) -> jax.Array:
+  """uint8 images -> normalised float32, augmented on device when asked.
+
+  Each example's augmentation key is ``fold_in(rng, global_index)``, so the
+  augmented batch does not depend on how many devices share it.
+  """
+  if train and task.augment == "device":
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(offset + jnp.arange(images.shape[0]))
+    one = lambda k, im: input_pipeline.preprocess_on_device(
+        k, im[None], info=task.info, train=True, augment="device")[0]
+    return jax.vmap(one)(keys, images)
+  return input_pipeline.preprocess_on_device(
+      rng, images, info=task.info, train=False, augment="none")
+
+
+def train_step(state: TrainState, schedule: Mapping[str, jax.Array],
+               batch: Mapping[str, jax.Array], *, task: Task
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on this device's share of the global batch."""
+  axis = task.axis_name
+  labels = batch["label"]
+  offset = jax.lax.axis_index(axis) * labels.shape[0]
+  rng = jax.random.fold_in(state.rng, state.step)
+  images = preprocess(task, rng, batch["image"], offset=offset, train=True)
+  mutable = ["batch_stats"] + ([losses.BINARY_ACTS] if task.heads is not None else [])
+
+  def loss_fn(params):
+    logits, new_vars = task.model.apply(
+        {"params": params["model"], "batch_stats": state.batch_stats},
+        images, train=True, schedule=schedule, mutable=mutable)
+    ce = losses.cross_entropy(logits, labels)
+    aux = {"ce_loss": ce,
+           "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))}
+    loss = ce
+    if task.heads is not None:
+      taps = losses.tapped_activations(new_vars[losses.BINARY_ACTS], task.layers)
+      embeddings = task.heads.apply({"params": params["heads"]}, taps)
+      cmim, per_layer = losses.cmim_loss(embeddings, temperature=task.temperature,
+                                         axis_name=axis)
+      loss = ce + task.cmim_weight * cmim
+      aux["cmim_loss"] = cmim
+      aux.update({f"cmim_loss/{k}": v for k, v in per_layer.items()})
+    return loss, (aux, new_vars["batch_stats"])
+
+  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, axis)
+  updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = jax.lax.pmean({"loss": loss, **aux}, axis)
+  metrics["learning_rate"] = task.learning_rate(state.step)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            batch_stats=jax.lax.pmean(batch_stats, axis))
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task
+              ) -> dict[str, jax.Array]:
+  """Sums of loss and correct predictions over the real (unmasked) examples."""
+  images = preprocess(task, None, batch["image"], offset=0, train=False)
+  logits = task.model.apply(
+      {"params": state.params["model"], "batch_stats": state.batch_stats},
+      images, train=False)
+  mask = batch["mask"].astype(jnp.float32)
+  per_example = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), batch["label"])
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  sums = {"loss_sum": jnp.sum(per_example * mask), "correct": jnp.sum(correct * mask),
+          "count": jnp.sum(mask)}
+  return jax.lax.psum(sums, task.axis_name)
+
+
+# --------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------
+
+def ede_progress(step: int, steps_per_epoch: int, total_steps: int) -> float:
+  """IR-Net updates k and t once per epoch: progress = epoch / num_epochs."""
+  num_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
+  return min(1.0, (step // steps_per_epoch) / num_epochs)
+
+
+def schedule_at(config, step: int, steps_per_epoch: int, total_steps: int) -> dict:
+  k, t = binarize.ede_schedule(
+      np.float32(ede_progress(step, steps_per_epoch, total_steps)),
+      t_min=config.ede.t_min, t_max=config.ede.t_max)
+  return {"k": np.asarray(k, np.float32), "t": np.asarray(t, np.float32)}
+
+
+class _Setup:
+  """Data, task, parallel wrapper and initial state shared by train and eval."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    validate_config(config)
+    self.config = config
+    self.par = Parallel(config.parallel)
+    eval_batch = config.get("eval_batch_size") or config.batch_size
+    self.par.check_batch_size(config.batch_size)
+    self.par.check_batch_size(eval_batch, "eval_batch_size")
+    self.train_ds, self.eval_ds, self.info = input_pipeline.get_datasets(
+        config.data, global_batch_size=config.batch_size, eval_batch_size=eval_batch,
+        seed=config.seed)
+    self.steps_per_epoch = self.train_ds.steps_per_epoch
+    self.total_steps = (config.num_train_steps if config.num_train_steps > 0
+                        else int(config.num_epochs * self.steps_per_epoch))
+    self.task = build_task(config, self.info, total_steps=self.total_steps,
+                           steps_per_epoch=self.steps_per_epoch)
+    init = jax.jit(functools.partial(init_state, self.task),
+                   out_shardings=self.par.replicated)
+    self.initial_state = init(jax.random.PRNGKey(config.seed))
+    self.eval_fn = self.par.map(functools.partial(eval_step, task=self.task),
+                                n_replicated=1, n_batch=1)
+
+  def evaluate(self, state_dev) -> dict[str, float]:
+    totals = None
+    for batch in self.eval_ds.iterator():
+      out = self.par.output(self.eval_fn(state_dev, self.par.batch_input(batch)))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = first_copy_to_host(totals)
+    count = float(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count,
+            "accuracy": float(totals["correct"]) / count, "num_examples": int(count)}
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from the latest checkpoint in ``workdir``) and evaluates.
+
+  Returns:
+    The last evaluation's metrics.
+  """
+  setup = _Setup(config)
+  par, task, total = setup.par, setup.task, setup.total_steps
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
+  writer = metric_writers.MetricWriter(workdir)
+  state = setup.initial_state
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+    logging.info("Resumed from the checkpoint of step %d in %s.", int(state.step), ckpt.directory)
+  start = int(first_copy_to_host(state.step))
+  logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d device(s), "
+               "%s; CMIM %s.", config.model.name, total, setup.steps_per_epoch,
+               config.batch_size, jax.device_count(), par.mode,
+               f"on {list(task.layers)}" if task.heads else "off")
+
+  step_fn = par.map(functools.partial(train_step, task=task), n_replicated=2, n_batch=1,
+                    donate_state=True)
+  state_dev = par.to_step_layout(state)
+  batches = setup.train_ds.iterator(start_step=start)
+  pending: list[tuple[int, dict]] = []
+  last_eval: dict = {}
+  t_interval, n_interval, t_start = time.time(), 0, time.time()
+
+  def flush() -> dict | None:
+    """Fetches pending step metrics; stops on the first non-finite loss."""
+    if not pending:
+      return None
+    fetched = [(s, first_copy_to_host(m)) for s, m in pending]
+    pending.clear()
+    for s, m in fetched:
+      if not np.isfinite(m["loss"]):
+        ckpt.wait()
+        raise FloatingPointError(
+            f"loss is {m['loss']} at step {s}; stopping. The last good checkpoint "
+            f"(step {ckpt.latest_step()}) is in {ckpt.directory}. Lower the learning "
+            "rate or check the input data.")
+    return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
+
+  for step in range(start, total):
+    batch = next(batches)
+    schedule = par.replicated_input(schedule_at(config, step, setup.steps_per_epoch, total))
+    state_dev, metrics = step_fn(state_dev, schedule, par.batch_input(batch))
+    done = step + 1
+    pending.append((done, par.output(metrics)))
+    n_interval += 1
+    is_last = done == total
+    if done % config.log_every_steps == 0 or is_last:
+      summary = flush()
+      elapsed = time.time() - t_interval
+      summary["images_per_second"] = n_interval * config.batch_size / max(elapsed, 1e-9)
+      summary["epoch"] = done / setup.steps_per_epoch
+      writer.write(done, "train", summary)
+      rate = (done - start) / max(time.time() - t_start, 1e-9)
+      logging.info("step %d/%d (%.1f%%) loss %.4f acc %.4f lr %.4g | %.0f img/s | ETA %s",
+                   done, total, 100 * done / total, summary["loss"], summary["accuracy"],
+                   summary["learning_rate"], summary["images_per_second"],
+                   _format_eta((total - done) / rate))
+      t_interval, n_interval = time.time(), 0
+    if done % config.checkpoint_every_steps == 0 or is_last:
+      flush()
+      ckpt.save(done, par.from_step_layout(state_dev))
+    if done % config.eval_every_steps == 0 or is_last:
+      flush()
+      last_eval = setup.evaluate(state_dev)
+      writer.write(done, "eval", last_eval)
+      logging.info("eval at step %d: loss %.4f accuracy %.4f (%d examples)", done,
+                   last_eval["loss"], last_eval["accuracy"], last_eval["num_examples"])
+      t_interval = time.time()
+  ckpt.close()
+  writer.close()
+  if start >= total:
+    logging.info("Nothing to train: the checkpoint is at step %d of %d.", start, total)
+  return last_eval
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Restores the latest checkpoint in ``workdir``, evaluates ``data.eval_split``."""
+  setup = _Setup(config)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
+  state = ckpt.restore(setup.initial_state)
+  step = int(first_copy_to_host(state.step))
+  result = setup.evaluate(setup.par.to_step_layout(state))
+  result["eval_split"] = config.data.eval_split
+  writer = metric_writers.MetricWriter(workdir)
+  writer.write(step, "eval", result)
+  writer.close()
+  ckpt.close()
+  logging.info("eval of step %d on %s: loss %.4f accuracy %.4f (%d examples)", step,
+               config.data.eval_split, result["loss"], result["accuracy"],
+               result["num_examples"])
+  return result
