@@ -40,7 +40,9 @@ class Parallel:
 
   @functools.cached_property
   def mesh(self) -> jax.sharding.Mesh:
-    return jax.make_mesh((jax.device_count(),), (self.axis_name,))
+    # Auto axes: jit moves host batches and replicated state into place itself.
+    return jax.make_mesh((jax.device_count(),), (self.axis_name,),
+                         axis_types=(jax.sharding.AxisType.Auto,))
 
   @property
   def replicated(self) -> NamedSharding:
@@ -92,9 +94,11 @@ class Parallel:
     if self.mode == "shard_map":
       return tree
     devices = jax.local_devices()
+    stacked = NamedSharding(jax.sharding.Mesh(np.array(devices), (self.axis_name,)),
+                            P(self.axis_name))
     def rep(x):
-      x = np.asarray(jax.device_get(x.addressable_data(0) if isinstance(x, jax.Array) else x))
-      return jax.device_put_sharded([x] * len(devices), devices)
+      x = first_copy_to_host(x)
+      return jax.device_put(np.broadcast_to(x, (len(devices),) + x.shape), stacked)
     return jax.tree.map(rep, tree)
 
   def from_step_layout(self, tree: Any) -> Any:
