@@ -33,6 +33,7 @@ class Parallel:
   """Runs per-device functions over all devices in one of :data:`MODES`."""
   mode: str = "shard_map"
   axis_name: str = AXIS
+  num_devices: int | None = None  # None: every device (of every process).
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -41,8 +42,26 @@ class Parallel:
   @functools.cached_property
   def mesh(self) -> jax.sharding.Mesh:
     # Auto axes: jit moves host batches and replicated state into place itself.
-    return jax.make_mesh((jax.device_count(),), (self.axis_name,),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh((self.device_count,), (self.axis_name,),
+                         axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=self.devices)
+
+  @property
+  def devices(self) -> list:
+    if self.num_devices is None:
+      return jax.devices()
+    if jax.process_count() > 1 or self.num_devices > jax.device_count():
+      raise ValueError(f"num_devices={self.num_devices} needs a single process with at "
+                       f"least that many devices ({jax.device_count()} here).")
+    return jax.devices()[:self.num_devices]
+
+  @property
+  def device_count(self) -> int:
+    return len(self.devices)
+
+  @property
+  def local_devices(self) -> list:
+    return [d for d in self.devices if d.process_index == jax.process_index()]
 
   @property
   def replicated(self) -> NamedSharding:
@@ -53,7 +72,7 @@ class Parallel:
     return NamedSharding(self.mesh, P(self.axis_name))
 
   def check_batch_size(self, global_batch: int, what: str = "batch_size") -> None:
-    n = jax.device_count()
+    n = self.device_count
     if global_batch % n:
       raise ValueError(
           f"config.{what}={global_batch} is not divisible by the {n} devices; "
@@ -73,7 +92,8 @@ class Parallel:
     """
     donate = (0,) if donate_state else ()
     if self.mode == "pmap":
-      return jax.pmap(fn, axis_name=self.axis_name, donate_argnums=donate)
+      return jax.pmap(fn, axis_name=self.axis_name, donate_argnums=donate,
+                      devices=self.local_devices if self.num_devices else None)
     specs = (P(),) * n_replicated + (P(self.axis_name),) * n_batch
     # check_vma=False keeps pmap's gradient semantics: grads of replicated
     # parameters stay per-device (no implicit psum), and the step pmeans them.
@@ -93,7 +113,7 @@ class Parallel:
     """Canonical (replicated global) state -> the layout the step expects."""
     if self.mode == "shard_map":
       return tree
-    devices = jax.local_devices()
+    devices = self.local_devices
     stacked = NamedSharding(jax.sharding.Mesh(np.array(devices), (self.axis_name,)),
                             P(self.axis_name))
     def rep(x):
@@ -110,14 +130,14 @@ class Parallel:
   def replicated_input(self, tree: Any) -> Any:
     """Small host values (schedules) for the replicated argument slots."""
     if self.mode == "pmap":
-      n = jax.local_device_count()
+      n = len(self.local_devices)
       return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
     return self.replicate_global(tree)
 
   def batch_input(self, batch: dict[str, np.ndarray]) -> Any:
     """A process-local batch -> the step's batch argument."""
     if self.mode == "pmap":
-      n = jax.local_device_count()
+      n = len(self.local_devices)
       def split(x):
         if x.shape[0] % n:
           raise ValueError(f"local batch of {x.shape[0]} does not split over {n} local devices.")
