@@ -1,0 +1,1 @@
+"""Data sources, splits, augmentation and iterators (re-exported by input_pipeline)."""

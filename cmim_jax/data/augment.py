@@ -1,0 +1,207 @@
+"""Augmentation and normalisation, on the host (numpy/PIL) and on device (jax).
+
+Two families, as in METHODS.md section 6:
+
+* ``pad_crop``: CIFAR style. Zero-pad ``pad`` pixels on each side (0 is black
+  in uint8, as torchvision's ``RandomCrop(32, padding=4)`` pads the PIL image
+  before ``Normalize``), take a random ``H x W`` window, flip horizontally
+  with probability 1/2. The host version (numpy) and the device version
+  (``jax.random``) draw the same distribution.
+* ``resized_crop``: ImageNet style, host only (images differ in size).
+  Training: random crop of area fraction U(0.08, 1) of the image and aspect
+  ratio log-uniform in (3/4, 4/3), resized to ``size``, then a flip.
+  Evaluation: the central ``crop_fraction`` (224/256) of the shorter side,
+  resized to ``size`` -- geometrically the same as "resize the shorter side
+  to 256, crop the central 224".
+
+Normalisation ``(x / 255 - mean) / std`` always happens on device, in
+``preprocess_on_device``, with one mean/std per dataset for train and eval.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+AUGMENT_MODES = ('auto', 'device', 'host', 'none')
+
+
+# ----------------------------------------------------------------- host side
+
+
+def pad_crop_flip_params(rng: np.random.Generator, n: int, pad: int):
+  """Draws ``n`` crop offsets in ``[0, 2 * pad]`` and flip flags."""
+  offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
+  flips = rng.random(n) < 0.5
+  return offsets, flips
+
+
+def pad_crop_flip_np(images: np.ndarray, offsets: np.ndarray,
+                     flips: np.ndarray, pad: int) -> np.ndarray:
+  """Applies pad-crop-flip to a uint8 batch with the given parameters.
+
+  Args:
+    images: uint8[B, H, W, C].
+    offsets: int[B, 2], (row, column) of each window in the padded image.
+    flips: bool[B], flip horizontally after cropping.
+    pad: zero padding on each side.
+
+  Returns:
+    uint8[B, H, W, C].
+  """
+  b, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  rows = offsets[:, 0, None] + np.arange(h)  # [B, H]
+  # Flipping is reading the columns of the window backwards.
+  cols = np.where(flips[:, None], np.arange(w - 1, -1, -1), np.arange(w))
+  cols = offsets[:, 1, None] + cols  # [B, W]
+  return padded[np.arange(b)[:, None, None], rows[:, :, None],
+                cols[:, None, :]]
+
+
+def sample_resized_crop_box(rng: np.random.Generator, height: int, width: int,
+                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                            attempts: int = 10) -> tuple[int, int, int, int]:
+  """Samples a random-resized-crop window ``(top, left, h, w)``.
+
+  Area fraction uniform in ``scale``, aspect ratio (w/h) log-uniform in
+  ``ratio``; after ``attempts`` windows that do not fit, the largest central
+  window whose ratio is clipped to ``ratio``.
+  """
+  area = height * width
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  for _ in range(attempts):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  aspect = width / height
+  if aspect < ratio[0]:
+    w, h = width, int(round(width / ratio[0]))
+  elif aspect > ratio[1]:
+    h, w = height, int(round(height * ratio[1]))
+  else:
+    h, w = height, width
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resize_box(image: np.ndarray, box, size: int) -> np.ndarray:
+  top, left, h, w = box
+  pil = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+  # Pillow's resize with `box` crops and resizes in one pass, antialiased.
+  out = np.asarray(pil.resize((size, size), Image.BILINEAR,
+                              box=(left, top, left + w, top + h)))
+  return out.reshape(size, size, image.shape[-1])
+
+
+def random_resized_crop_flip_np(image: np.ndarray, rng: np.random.Generator,
+                                size: int) -> np.ndarray:
+  """ImageNet training crop of one uint8[H, W, C] image -> uint8[size, size, C]."""
+  box = sample_resized_crop_box(rng, image.shape[0], image.shape[1])
+  out = _resize_box(image, box, size)
+  return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def center_crop_resize_np(image: np.ndarray, size: int,
+                          crop_fraction: float = 0.875) -> np.ndarray:
+  """ImageNet evaluation crop of one uint8[H, W, C] image -> uint8[size, size, C]."""
+  height, width = image.shape[:2]
+  side = int(round(min(height, width) * crop_fraction))
+  box = ((height - side) // 2, (width - side) // 2, side, side)
+  return _resize_box(image, box, size)
+
+
+# --------------------------------------------------------------- device side
+
+
+def pad_crop_flip(rng: jax.Array, images: jax.Array, pad: int) -> jax.Array:
+  """Random zero-pad crop and horizontal flip of a batch, in jax.
+
+  Args:
+    rng: a PRNG key; the result is a function of (rng, images).
+    images: [B, H, W, C], any dtype (uint8 keeps the gather cheap).
+    pad: zero padding on each side; offsets are uniform in ``[0, 2 * pad]``.
+
+  Returns:
+    Array of the shape and dtype of ``images``.
+  """
+  b, h, w, c = images.shape
+  crop_key, flip_key = jax.random.split(rng)
+  offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * pad + 1)
+  flips = jax.random.bernoulli(flip_key, 0.5, (b,))
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+  def one(image, offset):
+    return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+
+  crops = jax.vmap(one)(padded, offsets)
+  return jnp.where(flips[:, None, None, None], crops[:, :, ::-1], crops)
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+  """``(images / 255 - mean) / std`` in float32, per channel."""
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+  # One multiply-add per pixel instead of a divide, a subtract and a divide.
+  return images.astype(jnp.float32) * (1.0 / (255.0 * std)) - mean / std
+
+
+def resolve_augment(augment: str | None, info) -> str:
+  """Maps ``'auto'``/``None``/``''`` to the dataset's default mode."""
+  if augment in (None, '', 'auto'):
+    return info.augment
+  if augment not in AUGMENT_MODES:
+    raise ValueError(
+        f'augment={augment!r} is not one of {AUGMENT_MODES}.')
+  return augment
+
+
+def preprocess_on_device(rng: jax.Array | None, images: jax.Array, *, info,
+                         train: bool, augment: str | None = 'auto'
+                         ) -> jax.Array:
+  """Turns uint8 batches from the iterators into normalised float32 images.
+
+  Jittable; ``info``, ``train`` and ``augment`` are static Python values.
+  With ``train`` and ``augment == 'device'`` it first applies the random
+  pad-crop-flip (pad ``info.crop_padding``); otherwise the images are only
+  normalised (host augmentation, if any, already happened in the iterator).
+  The same ``info.mean``/``info.std`` are used for train and eval.
+
+  Args:
+    rng: PRNG key for the augmentation; fold in the step (and nothing
+      device-dependent if the batch is a global array) so that a resumed run
+      draws the same crops. May be None when no device augmentation applies.
+    images: uint8[B, H, W, C] as yielded by the iterators.
+    info: the ``DatasetInfo`` from ``get_datasets``.
+    train: whether this is a training batch.
+    augment: 'device', 'host', 'none', or 'auto' (= ``info.augment``).
+
+  Returns:
+    float32[B, H, W, C].
+  """
+  if images.ndim != 4:
+    raise ValueError(
+        f'preprocess_on_device expects images [B, H, W, C], got shape '
+        f'{images.shape}.')
+  if tuple(images.shape[1:]) != tuple(info.image_shape):
+    raise ValueError(
+        f'Images of shape {tuple(images.shape[1:])} do not match '
+        f'info.image_shape {tuple(info.image_shape)}.')
+  mode = resolve_augment(augment, info)
+  if train and mode == 'device':
+    if info.crop_padding <= 0:
+      raise ValueError(
+          f"augment='device' needs a fixed-size dataset with a crop padding; "
+          f'{info.name} has none (use augment=\'host\').')
+    if rng is None:
+      raise ValueError("augment='device' with train=True needs an rng key.")
+    images = pad_crop_flip(rng, images, info.crop_padding)
+  return normalize(images, info.mean, info.std)

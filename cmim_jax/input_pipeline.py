@@ -1,0 +1,264 @@
+"""Input pipeline: datasets, splits, augmentation and multi-host batches.
+
+The host yields uint8 batches ``{'image': uint8[b, H, W, C], 'label':
+int32[b]}`` (plus ``'mask'`` for evaluation); ``preprocess_on_device`` turns
+them into normalised float32 inside the jitted step, applying the CIFAR
+pad-crop-flip there when ``augment == 'device'``. Typical use::
+
+  train, evals, info = input_pipeline.get_datasets(
+      config.data, global_batch_size=256, seed=config.seed)
+  for step, batch in zip(range(start, total), train.iterator(start)):
+    batch = input_pipeline.to_global_array(batch, sharding)
+    ...  # in the step: x = preprocess_on_device(rng, batch['image'],
+         #   info=info, train=True, augment=config.data.augment)
+
+Sources (``data.source``): 'tfds' (``tfds.data_source`` on array_record
+data; ``tfds.load`` only if TensorFlow is installed), 'cifar_archive' (the
+python-pickle CIFAR archives, folder or .tar.gz), 'folder'
+(``data_dir/<split>/<class>/*.{jpg,jpeg,png}``, folder or .tar.gz, decoded
+once into memory), 'digits' (scikit-learn's 8x8 digits, offline) and 'auto'
+(the first that finds data). Splits use tfds slicing for every source
+(``train[:90%]``, ``train[45000:]``, ...). See ``cmim_jax.data`` for the
+parts and docs/CONTRACTS.md for the interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from cmim_jax.data import augment as _augment
+from cmim_jax.data import iterators as _iterators
+from cmim_jax.data import sources as _sources
+from cmim_jax.data import splits as _splits
+from cmim_jax.data.augment import normalize, pad_crop_flip, preprocess_on_device  # pylint: disable=unused-import
+from cmim_jax.data.iterators import EvalData, TrainData  # pylint: disable=unused-import
+from cmim_jax.data.sources import DataNotFoundError, clear_cache  # pylint: disable=unused-import
+from cmim_jax.data.splits import resolve_split, split_names  # pylint: disable=unused-import
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The ``data`` section of a training config, with every key (locked)."""
+  c = ml_collections.ConfigDict()
+  # Dataset: 'cifar10', 'cifar100', 'imagenet2012', 'digits', or a custom
+  # name for a folder/tfds dataset (then mean/std default to 0.5).
+  c.name = 'cifar10'
+  # 'auto' | 'tfds' | 'cifar_archive' | 'folder' | 'digits'. 'auto' takes the
+  # first source that finds data (cifar: tfds, cifar_archive, folder).
+  c.source = 'auto'
+  # tfds data dir (local or gs://; '' = tfds default), the folder holding the
+  # CIFAR archive (or the .tar.gz itself), or the image folder (or its
+  # .tar.gz). Ignored by 'digits'.
+  c.data_dir = ''
+  # tfds-style split strings, the same meaning for every source:
+  # 'train', 'train[:45000]', 'train[90%:]', 'train[:10]+test', ...
+  c.train_split = 'train'
+  # '' for no evaluation split. ImageNet's is 'validation'.
+  c.eval_split = 'test'
+  # 'auto' (dataset default: 'device' for CIFAR/folders, 'host' for
+  # ImageNet, 'none' for digits), 'device' (uint8 batches, pad-crop-flip in
+  # preprocess_on_device), 'host' (numpy/PIL augmentation in the iterator),
+  # or 'none'.
+  c.augment = 'auto'
+  # Where decoded folder images are cached as .npy files ('' = memory only).
+  # Keep it outside the repository, e.g. '~/.cache/cmim_jax'.
+  c.cache_dir = ''
+  # Output side for datasets of varying image size (ImageNet; 0 = 224).
+  # Fixed-size datasets keep their size and only accept 0 or that size.
+  c.image_size = 0
+  # ImageNet evaluation: central crop fraction of the shorter side (224/256).
+  c.eval_crop_fraction = 0.875
+  # Per-channel normalisation on the 0..1 scale; () = the dataset's own
+  # (METHODS.md section 6), 0.5 for custom datasets.
+  c.mean = ()
+  c.std = ()
+  # Batches prepared ahead by a background thread (0 = no thread). No
+  # shuffle buffer: each epoch is a full permutation of the split.
+  c.prefetch = 2
+  # Threads for per-image host work (tfds reads, ImageNet crops); 0 = up to
+  # 16, by CPU count.
+  c.num_threads = 0
+  c.lock()
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static facts about the datasets; hashable, so it can be a jit static.
+
+  Attributes:
+    name: dataset name.
+    source: the source that provided the data.
+    num_classes: number of classes.
+    image_shape: (H, W, C) of the batches the iterators yield.
+    num_train: examples in the training split.
+    num_eval: examples in the evaluation split (0 if none).
+    mean: per-channel mean on the 0..1 scale.
+    std: per-channel std on the 0..1 scale.
+    augment: the resolved augmentation mode ('device', 'host', 'none').
+    crop_padding: zero padding of the pad-crop (0: no pad-crop).
+    class_names: class names in label order.
+  """
+  name: str
+  source: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_train: int
+  num_eval: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  augment: str
+  crop_padding: int
+  class_names: tuple[str, ...] = dataclasses.field(
+      default=(), compare=False, repr=False)
+
+
+def _merged_config(data_config) -> ml_collections.ConfigDict:
+  # Defaults for keys an older config lacks; unknown keys fail loudly.
+  cfg = get_config()
+  cfg.update(dict(data_config))
+  if cfg.source not in _sources.SOURCES:
+    raise ValueError(f'data.source={cfg.source!r} is not one of '
+                     f'{_sources.SOURCES}.')
+  if cfg.augment not in _augment.AUGMENT_MODES:
+    raise ValueError(f'data.augment={cfg.augment!r} is not one of '
+                     f'{_augment.AUGMENT_MODES}.')
+  return cfg
+
+
+def _check_batch(what: str, size: int, process_count: int):
+  if size <= 0 or size % process_count:
+    raise ValueError(
+        f'{what}={size} must be a positive multiple of process_count='
+        f'{process_count} (each process takes an equal share); use e.g. '
+        f'{max(1, size // process_count) * process_count}.')
+
+
+def get_datasets(data_config, *, global_batch_size: int,
+                 eval_batch_size: int | None = None, seed: int,
+                 process_index: int | None = None,
+                 process_count: int | None = None):
+  """Builds the training and evaluation data for this process.
+
+  Args:
+    data_config: the ``data`` config section (see ``get_config``).
+    global_batch_size: training examples per step over all processes.
+    eval_batch_size: evaluation examples per batch over all processes
+      (default ``global_batch_size``).
+    seed: shuffling and host-augmentation seed.
+    process_index: this process (default ``jax.process_index()``).
+    process_count: number of processes (default ``jax.process_count()``).
+
+  Returns:
+    ``(train, eval, info)``: a ``TrainData``, an ``EvalData`` (None when
+    ``eval_split`` is ''), and a ``DatasetInfo``.
+
+  Raises:
+    DataNotFoundError: no data where the config points (lists where it
+      looked and how to provide the data).
+    ValueError: bad config, split string, batch size, or data.
+  """
+  cfg = _merged_config(data_config)
+  if process_count is None:
+    process_count = jax.process_count()
+  if process_index is None:
+    process_index = jax.process_index()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in '
+                     f'[0, process_count={process_count}).')
+  eval_batch_size = eval_batch_size or global_batch_size
+  _check_batch('global_batch_size', global_batch_size, process_count)
+  _check_batch('eval_batch_size', eval_batch_size, process_count)
+
+  spec = _sources.dataset_spec(cfg.name)
+  train_names = _splits.split_names(cfg.train_split)
+  eval_names = _splits.split_names(cfg.eval_split) if cfg.eval_split else []
+  num_threads = cfg.num_threads or min(16, os.cpu_count() or 1)
+  data = _sources.load(cfg.source, cfg.name, cfg.data_dir,
+                       list(dict.fromkeys(train_names + eval_names)),
+                       cache_dir=cfg.cache_dir, num_threads=num_threads)
+  sizes = {s: len(r) for s, r in data.splits.items()}
+  train_records = _sources.select(
+      data.splits, _splits.resolve_split(cfg.train_split, sizes))
+  eval_records = (_sources.select(
+      data.splits, _splits.resolve_split(cfg.eval_split, sizes))
+                  if cfg.eval_split else None)
+
+  if spec.num_classes is not None and data.num_classes != spec.num_classes:
+    raise ValueError(
+        f'{cfg.name} has {spec.num_classes} classes but {data.location} has '
+        f'{data.num_classes} ({", ".join(data.class_names[:20])}); fix the '
+        f'data or use another data.name.')
+  native = train_records.image_shape
+  if native is None and spec.crop == 'pad_crop':
+    native = spec.image_shape or np.asarray(
+        train_records.read(np.arange(1))[0][0]).shape
+  if spec.crop == 'resized_crop':
+    size = cfg.image_size or 224
+    image_shape, pad = (size, size, 3), 0
+  else:
+    image_shape = tuple(int(d) for d in native)
+    if spec.image_shape is not None and image_shape != spec.image_shape:
+      raise ValueError(f'{cfg.name} images are {spec.image_shape} but '
+                       f'{data.location} holds {image_shape} images.')
+    if cfg.image_size and cfg.image_size != image_shape[0]:
+      raise ValueError(
+          f'data.image_size={cfg.image_size} but {cfg.name} images are '
+          f'{image_shape}; image_size only resizes datasets of varying size '
+          f'(imagenet2012); set it to 0.')
+    pad = max(1, image_shape[0] // 8)  # 4 for 32x32, as in CIFAR training.
+  channels = image_shape[-1]
+  mean = tuple(cfg.mean) or spec.mean or (_sources.DEFAULT_MEAN,) * channels
+  std = tuple(cfg.std) or spec.std or (_sources.DEFAULT_STD,) * channels
+  if len(mean) != channels or len(std) != channels:
+    raise ValueError(f'data.mean={mean} / data.std={std} need {channels} '
+                     f'values, one per channel.')
+  mode = spec.augment if cfg.augment == 'auto' else cfg.augment
+  if mode == 'device' and spec.crop != 'pad_crop':
+    raise ValueError(
+        f"augment='device' does pad-crop on fixed-size images; {cfg.name} "
+        f"images differ in size, use augment='host' (or 'none').")
+
+  def transform(train):
+    return _iterators.HostTransform(
+        crop=spec.crop, train=train, augment=mode, image_size=image_shape[0],
+        pad=pad, crop_fraction=cfg.eval_crop_fraction,
+        num_threads=num_threads)
+
+  train = _iterators.TrainData(
+      train_records, global_batch_size=global_batch_size, seed=seed,
+      process_index=process_index, process_count=process_count,
+      transform=transform(True), prefetch=cfg.prefetch,
+      split=cfg.train_split)
+  evals = None
+  if eval_records is not None:
+    evals = _iterators.EvalData(
+        eval_records, global_batch_size=eval_batch_size,
+        process_index=process_index, process_count=process_count,
+        transform=transform(False), image_shape=image_shape,
+        prefetch=cfg.prefetch)
+  info = DatasetInfo(
+      name=cfg.name, source=data.source, num_classes=data.num_classes,
+      image_shape=image_shape, num_train=len(train_records),
+      num_eval=0 if eval_records is None else len(eval_records),
+      mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+      augment=mode, crop_padding=pad, class_names=data.class_names)
+  return train, evals, info
+
+
+def to_global_array(batch, sharding):
+  """Process-local numpy batch -> global ``jax.Array`` s split over ``sharding``.
+
+  Every process passes its own batch; the leading (batch) axis of the result
+  is the concatenation over processes, in process order.
+
+  Args:
+    batch: a pytree of process-local arrays (a batch from the iterators).
+    sharding: e.g. ``NamedSharding(mesh, PartitionSpec('data'))``.
+  """
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
