@@ -288,7 +288,8 @@ def load_tfds(name, data_dir, split_names, *, num_threads=0, **_):
     except Exception as e:  # pylint: disable=broad-except
       error = e
     if not builder.is_prepared():
-      raise DataNotFoundError(f'{where} is not prepared ({error}).')
+      # tfds's own error here talks about file formats; the data is absent.
+      raise DataNotFoundError(f'{where} is not prepared.')
     known = list(builder.info.splits)
     if split not in known:
       raise ValueError(f'{where} has no split {split!r}; it has {known}.')
