@@ -154,3 +154,20 @@ def test_imagenet_style_host_crops():
   ramp = np.stack([ramp] * 3, -1)
   c = aug.center_crop_resize_np(ramp, 56).astype(int)
   assert abs(c[28, 28, 0] - 128) < 6 and c[0, 0, 0] > 10 and c[-1, 0, 0] < 245
+
+
+def test_axis_name_gives_each_device_its_own_crops():
+  n = len(jax.devices())
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  info = _info()
+  images = jnp.asarray(np.repeat(_images(1), 2 * n, axis=0))  # All alike.
+  spec = jax.sharding.PartitionSpec('data')
+
+  f = jax.shard_map(
+      lambda x: ip.preprocess_on_device(jax.random.key(0), x, info=info,
+                                        train=True, augment='device',
+                                        axis_name='data'),
+      mesh=mesh, in_specs=spec, out_specs=spec)
+  own = np.asarray(f(images)).reshape(n, 2, -1)
+  # Without axis_name every device would repeat device 0's crops.
+  assert not all(np.array_equal(own[0], own[d]) for d in range(n))

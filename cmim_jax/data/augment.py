@@ -165,8 +165,8 @@ def resolve_augment(augment: str | None, info) -> str:
 
 
 def preprocess_on_device(rng: jax.Array | None, images: jax.Array, *, info,
-                         train: bool, augment: str | None = 'auto'
-                         ) -> jax.Array:
+                         train: bool, augment: str | None = 'auto',
+                         axis_name: str | None = None) -> jax.Array:
   """Turns uint8 batches from the iterators into normalised float32 images.
 
   Jittable; ``info``, ``train`` and ``augment`` are static Python values.
@@ -176,13 +176,17 @@ def preprocess_on_device(rng: jax.Array | None, images: jax.Array, *, info,
   The same ``info.mean``/``info.std`` are used for train and eval.
 
   Args:
-    rng: PRNG key for the augmentation; fold in the step (and nothing
-      device-dependent if the batch is a global array) so that a resumed run
-      draws the same crops. May be None when no device augmentation applies.
-    images: uint8[B, H, W, C] as yielded by the iterators.
+    rng: PRNG key for the augmentation; fold in the step so that a resumed
+      run draws the same crops. May be None when no device augmentation
+      applies.
+    images: uint8[B, H, W, C] as yielded by the iterators (the global batch
+      under jit, or the per-device part under ``shard_map``/``pmap``).
     info: the ``DatasetInfo`` from ``get_datasets``.
     train: whether this is a training batch.
     augment: 'device', 'host', 'none', or 'auto' (= ``info.augment``).
+    axis_name: under ``shard_map``/``pmap``, the batch axis name; the device
+      index along it is folded into ``rng`` so that devices draw different
+      crops from the same key.
 
   Returns:
     float32[B, H, W, C].
@@ -203,5 +207,7 @@ def preprocess_on_device(rng: jax.Array | None, images: jax.Array, *, info,
           f'{info.name} has none (use augment=\'host\').')
     if rng is None:
       raise ValueError("augment='device' with train=True needs an rng key.")
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     images = pad_crop_flip(rng, images, info.crop_padding)
   return normalize(images, info.mean, info.std)

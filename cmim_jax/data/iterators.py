@@ -108,13 +108,17 @@ class TrainData:
     self.steps_per_epoch = self.num_examples // global_batch_size
     self._seed, self._process_index = seed, process_index
     self._prefetch = prefetch
-    self._perm_epoch, self._perm = None, None
+    self._perm_cache = (None, None)
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch != self._perm_epoch:
-      rng = np.random.default_rng([self._seed, 0, epoch])
-      self._perm, self._perm_epoch = rng.permutation(self.num_examples), epoch
-    return self._perm
+    # One attribute holding (epoch, perm): several iterator threads may call
+    # this at once, and a single assignment is atomic.
+    cached_epoch, perm = self._perm_cache
+    if cached_epoch != epoch:
+      perm = np.random.default_rng([self._seed, 0, epoch]).permutation(
+          self.num_examples)
+      self._perm_cache = (epoch, perm)
+    return perm
 
   def indices(self, step: int) -> np.ndarray:
     """Rows of the split that this process reads at ``step``."""
