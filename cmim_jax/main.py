@@ -10,6 +10,7 @@ Multi-host: pass ``--coordinator_address host:port --num_processes N
 localhost); on a Cloud TPU pod no flag is needed, JAX finds its peers.
 """
 
+import logging as logging_lib
 import os
 import sys
 
@@ -51,9 +52,17 @@ def _init_distributed(jax) -> None:
     jax.distributed.initialize()  # Cloud TPU pod: peers come from the metadata.
 
 
+class _QuietLibraries:
+  """Drops INFO lines of orbax's (one per file written) from the log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > logging_lib.INFO or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
   if _NUM_CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import jax
 import optax
-from flax import traverse_util
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant", "linear")
@@ -11,8 +11,8 @@ SCHEDULES = ("cosine", "constant", "linear")
 
 def kernel_mask(params):
   """True for every leaf called ``kernel``: weight decay hits kernels only."""
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
 def learning_rate_schedule(*, base_lr: float, total_steps: int, warmup_steps: int,

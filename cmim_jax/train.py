@@ -129,6 +129,7 @@ def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
     probe = model.clone(bn_axis_name=None)
     def sown(x):
       variables = probe.init(jax.random.PRNGKey(0), x, train=False)
+      variables = {k: v for k, v in variables.items() if k != losses.BINARY_ACTS}
       return probe.apply(variables, x, train=False, mutable=[losses.BINARY_ACTS])[1]
     acts = jax.eval_shape(sown, x).get(losses.BINARY_ACTS, {})
     paths = losses.binary_layer_paths(acts)
@@ -157,6 +158,7 @@ def init_state(task: Task, rng: jax.Array) -> TrainState:
   model = task.model.clone(bn_axis_name=None)
   x = jnp.zeros((1,) + tuple(task.info.image_shape), jnp.float32)
   variables = model.init(model_rng, x, train=False)
+  variables = {k: v for k, v in variables.items() if k != losses.BINARY_ACTS}
   params = {"model": variables["params"], "heads": {}}
   if task.heads is not None:
     _, acts = model.apply(variables, x, train=False, mutable=[losses.BINARY_ACTS])
