@@ -35,10 +35,18 @@ from cmim_jax.data import augment as _augment
 from cmim_jax.data import iterators as _iterators
 from cmim_jax.data import sources as _sources
 from cmim_jax.data import splits as _splits
-from cmim_jax.data.augment import normalize, pad_crop_flip, preprocess_on_device  # pylint: disable=unused-import
-from cmim_jax.data.iterators import EvalData, TrainData  # pylint: disable=unused-import
-from cmim_jax.data.sources import DataNotFoundError, clear_cache  # pylint: disable=unused-import
-from cmim_jax.data.splits import resolve_split, split_names  # pylint: disable=unused-import
+# Re-exported: the public names of the data package.
+# pylint: disable=unused-import
+from cmim_jax.data.augment import normalize
+from cmim_jax.data.augment import pad_crop_flip
+from cmim_jax.data.augment import preprocess_on_device
+from cmim_jax.data.iterators import EvalData
+from cmim_jax.data.iterators import TrainData
+from cmim_jax.data.sources import clear_cache
+from cmim_jax.data.sources import DataNotFoundError
+from cmim_jax.data.splits import resolve_split
+from cmim_jax.data.splits import split_names
+# pylint: enable=unused-import
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -211,6 +219,12 @@ def get_datasets(data_config, *, global_batch_size: int,
           f'{image_shape}; image_size only resizes datasets of varying size '
           f'(imagenet2012); set it to 0.')
     pad = max(1, image_shape[0] // 8)  # 4 for 32x32, as in CIFAR training.
+    eval_shape = None if eval_records is None else eval_records.image_shape
+    if eval_shape is not None and tuple(eval_shape) != image_shape:
+      raise ValueError(
+          f'Evaluation split {cfg.eval_split!r} has images of shape '
+          f'{tuple(eval_shape)} but training split {cfg.train_split!r} has '
+          f'{image_shape}; both need one size.')
   channels = image_shape[-1]
   mean = tuple(cfg.mean) or spec.mean or (_sources.DEFAULT_MEAN,) * channels
   std = tuple(cfg.std) or spec.std or (_sources.DEFAULT_STD,) * channels

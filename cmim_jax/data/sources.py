@@ -566,6 +566,19 @@ def _scan_tar_folder(path: str, splits: set):
   return items
 
 
+def _check_cache_dir(cache_dir: str) -> None:
+  # A cache of decoded images inside a git checkout would end up committed.
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.realpath(__file__))))
+  if not os.path.isdir(os.path.join(repo, '.git')):
+    return
+  real = os.path.realpath(os.path.expanduser(cache_dir))
+  if real == repo or real.startswith(repo + os.sep):
+    raise ValueError(
+        f'data.cache_dir={cache_dir!r} is inside the repository {repo}; '
+        f"use a folder outside it, e.g. '~/.cache/cmim_jax'.")
+
+
 def _cache_paths(cache_dir: str, key: str):
   stem = os.path.join(os.path.expanduser(cache_dir), f'folder-{key}')
   return stem + '.images.npy', stem + '.labels.npy', stem + '.json'
@@ -609,6 +622,8 @@ def load_folder(name, data_dir, split_names, *, cache_dir='', **_):
   if '://' in data_dir:
     raise ValueError(f'source folder reads local paths only, got '
                      f'{data_dir!r}; use source tfds for buckets.')
+  if cache_dir:
+    _check_cache_dir(cache_dir)
   root = os.path.realpath(os.path.expanduser(data_dir))
   decoded, todo = {}, {}
   if os.path.isfile(root) and root.endswith(TAR_SUFFIXES):
