@@ -147,7 +147,7 @@ def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
       weight_decay=config.weight_decay,
       decay_kernels_only=config.get("decay_kernels_only", True))
   return Task(model=model, heads=heads, tx=tx, learning_rate=lr, info=info,
-              augment=config.data.get("augment", "none"),
+              augment=info.augment,
               cmim_weight=float(config.cmim.weight),
               temperature=float(config.cmim.temperature))
 
@@ -287,6 +287,8 @@ class _Setup:
                                 n_replicated=1, n_batch=1)
 
   def evaluate(self, state_dev) -> dict[str, float]:
+    if self.eval_ds is None:
+      return {}
     totals = None
     for batch in self.eval_ds.iterator():
       out = self.par.output(self.eval_fn(state_dev, self.par.batch_input(batch)))
@@ -368,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if done % config.checkpoint_every_steps == 0 or is_last:
       flush()
       ckpt.save(done, par.from_step_layout(state_dev))
-    if done % config.eval_every_steps == 0 or is_last:
+    if (done % config.eval_every_steps == 0 or is_last) and setup.eval_ds is not None:
       flush()
       last_eval = setup.evaluate(state_dev)
       writer.write(done, "eval", last_eval)
@@ -385,6 +387,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Restores the latest checkpoint in ``workdir``, evaluates ``data.eval_split``."""
   setup = _Setup(config)
+  if setup.eval_ds is None:
+    raise ValueError("config.data.eval_split is empty; name the split to evaluate, "
+                     "e.g. --config.data.eval_split=test.")
   ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
   state = ckpt.restore(setup.initial_state)
   step = int(first_copy_to_host(state.step))

@@ -23,7 +23,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.data_dir = ""  # Where the data lies ('' = the source's default places).
   config.data.train_split = "train"  # tfds-style split strings, e.g. 'train[:45000]'.
   config.data.eval_split = "test"
-  config.data.augment = "device"  # device (jax.random, in the step) | host | none.
+  config.data.augment = "auto"  # auto | device (jax.random, in the step) | host | none.
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "resnet18"  # cmim_jax.models.get_model name ('*_fp' = real twin).
