@@ -1,0 +1,278 @@
+"""Tests for cmim_jax.models: parameter counts, sown paths, binary inputs/kernels."""
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from flax import traverse_util
+
+from cmim_jax import binarize, layers, models, summary
+
+KEY = jax.random.key(0)
+X32 = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+
+
+def conv(k, cin, cout):
+  return k * k * cin * cout
+
+
+def bn(c):
+  return 2 * c  # scale and bias (running statistics are batch_stats)
+
+
+# ResNet-18, CMIM layout, written out block by block.
+RESNET18 = (
+    conv(3, 3, 64) + bn(64)                                          # stem
+    + 2 * (2 * conv(3, 64, 64) + 2 * bn(64))                         # stage 1
+    + conv(3, 64, 128) + conv(3, 128, 128) + 2 * bn(128)             # stage 2
+    + conv(1, 64, 128) + bn(128) + 2 * conv(3, 128, 128) + 2 * bn(128)
+    + conv(3, 128, 256) + conv(3, 256, 256) + 2 * bn(256)            # stage 3
+    + conv(1, 128, 256) + bn(256) + 2 * conv(3, 256, 256) + 2 * bn(256)
+    + conv(3, 256, 512) + conv(3, 512, 512) + 2 * bn(512)            # stage 4
+    + conv(1, 256, 512) + bn(512) + 2 * conv(3, 512, 512) + 2 * bn(512)
+    + bn(512) + 512 * 10 + 10)                                       # head
+# ResNet-20: option-A shortcuts have no weights.
+RESNET20 = (
+    conv(3, 3, 16) + bn(16)
+    + 3 * (2 * conv(3, 16, 16) + 2 * bn(16))
+    + conv(3, 16, 32) + conv(3, 32, 32) + 2 * bn(32) + 2 * (2 * conv(3, 32, 32) + 2 * bn(32))
+    + conv(3, 32, 64) + conv(3, 64, 64) + 2 * bn(64) + 2 * (2 * conv(3, 64, 64) + 2 * bn(64))
+    + bn(64) + 64 * 10 + 10)
+VGG_SMALL = (
+    conv(3, 3, 128) + conv(3, 128, 128) + conv(3, 128, 256) + conv(3, 256, 256)
+    + conv(3, 256, 512) + conv(3, 512, 512)
+    + bn(128) * 2 + bn(256) * 2 + bn(512) * 2
+    + 4 * 4 * 512 * 10 + 10)
+
+
+def asd(cin):  # two bias-free dense layers, hidden max(cin // 16, 1)
+  return 2 * cin * max(cin // 16, 1)
+
+
+# SD-BNN adds, per binary conv of input cin and output cout: WSD's a (cout)
+# and ASD (asd(cin)). ResNet-18 SD-BNN has FP downsampling.
+SDBNN_EXTRA = {
+    "resnet18_sdbnn": (4 * (64 + asd(64))
+                       + (128 + asd(64)) + 3 * (128 + asd(128))
+                       + (256 + asd(128)) + 3 * (256 + asd(256))
+                       + (512 + asd(256)) + 3 * (512 + asd(512))),
+    "resnet20_sdbnn": (6 * (16 + asd(16))
+                       + (32 + asd(16)) + 5 * (32 + asd(32))
+                       + (64 + asd(32)) + 5 * (64 + asd(64))),
+    "vgg_small_sdbnn": sum(c + asd(cin) for cin, c in
+                           ((128, 128), (128, 256), (256, 256), (256, 512), (512, 512))),
+}
+EXPECTED_PARAMS = {
+    "resnet18": RESNET18, "resnet18_fp": RESNET18, "resnet18_realds": RESNET18,
+    "resnet18_realds_fp": RESNET18,
+    "resnet18_sdbnn": RESNET18 + SDBNN_EXTRA["resnet18_sdbnn"],
+    "resnet20": RESNET20, "resnet20_fp": RESNET20,
+    "resnet20_sdbnn": RESNET20 + SDBNN_EXTRA["resnet20_sdbnn"],
+    "vgg_small": VGG_SMALL, "vgg_small_fp": VGG_SMALL,
+    "vgg_small_sdbnn": VGG_SMALL + SDBNN_EXTRA["vgg_small_sdbnn"],
+}
+
+RESNET18_BINARY = [f"stage{s}_block{b}/conv{c}" for s in (1, 2, 3, 4) for b in (1, 2)
+                   for c in (1, 2)]
+RESNET18_BINARY += [f"stage{s}_block1/downsample" for s in (2, 3, 4)]
+RESNET20_BINARY = [f"stage{s}_block{b}/conv{c}" for s in (1, 2, 3) for b in (1, 2, 3)
+                   for c in (1, 2)]
+VGG_BINARY = [f"conv{i}" for i in range(1, 6)]
+
+
+def n_params(tree):
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+@functools.lru_cache(maxsize=None)
+def shapes(name, **kwargs):
+  """Variable shapes of ``name`` on 2 CIFAR images (traced, not computed)."""
+  return jax.eval_shape(lambda x: models.get_model(name, **kwargs).init(KEY, x, train=False), X32)
+
+
+def fake_variables(name, seed=0, shape_tree=None, **kwargs):
+  """Random params and unit BN statistics filled in numpy.
+
+  Compiling ``model.init`` costs far more on a small CPU than the tests below;
+  the values only need to be generic (random kernels, identity-ish BN).
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    leaf = path[-1].key
+    if leaf in ("scale", "var"):
+      return np.ones(s.shape, s.dtype)
+    if leaf in ("bias", "mean", "a"):
+      return np.zeros(s.shape, s.dtype)
+    return rng.normal(0.0, 0.5, s.shape).astype(s.dtype)
+
+  variables = shapes(name, **kwargs) if shape_tree is None else shape_tree
+  return {col: jax.tree_util.tree_map_with_path(fill, variables[col])
+          for col in ("params", "batch_stats")}
+
+
+def forward(model, variables, x, schedule=None):
+  """Jitted forward pass: (logits, flat {'path/a_F': array} of sown activations)."""
+  logits, state = jax.jit(lambda v, x, s: model.apply(
+      v, x, train=False, schedule=s, mutable=[layers.BINARY_ACTS]))(variables, x, schedule)
+  flat = traverse_util.flatten_dict(dict(state[layers.BINARY_ACTS]), sep="/")
+  return logits, {k: v[0] for k, v in flat.items()}
+
+
+class ModelShapeTest(parameterized.TestCase):
+
+  def test_resnet18_is_about_11_2m(self):
+    self.assertEqual(RESNET18, 11_174_986)
+
+  @parameterized.parameters(*models.MODEL_NAMES)
+  def test_param_count(self, name):
+    variables = shapes(name)
+    self.assertEqual(n_params(variables["params"]), EXPECTED_PARAMS[name])
+    self.assertEqual(set(variables) - {layers.BINARY_ACTS}, {"params", "batch_stats"})
+
+  @parameterized.parameters(("resnet18", RESNET18_BINARY), ("resnet20", RESNET20_BINARY),
+                            ("vgg_small", VGG_BINARY),
+                            ("resnet18_realds", [p for p in RESNET18_BINARY
+                                                 if "downsample" not in p]))
+  def test_sown_paths(self, name, expected):
+    paths = traverse_util.flatten_dict(dict(shapes(name)[layers.BINARY_ACTS]), sep="/")
+    self.assertCountEqual(paths, [f"{p}/{a}" for p in expected for a in ("a_F", "a_B")])
+
+  def test_downsample_kinds(self):
+    binary = shapes("resnet18")["params"]["stage2_block1"]
+    real = shapes("resnet18_realds")["params"]["stage2_block1"]
+    chex.assert_shape([binary["downsample"]["kernel"], real["downsample"]["kernel"]],
+                      (1, 1, 64, 128))
+    self.assertNotIn("downsample", shapes("resnet20")["params"]["stage2_block1"])
+
+  def test_get_model_passes_kwargs(self):
+    model = models.get_model("resnet20", num_classes=100, bn_axis_name="data",
+                             kernel_quantizer="xnor_weight")
+    self.assertEqual((model.num_classes, model.bn_axis_name, model.kernel_quantizer),
+                     (100, "data", "xnor_weight"))
+    self.assertEqual(model.input_quantizer, "ede_sign")
+    out = jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False)[0], X32)
+    chex.assert_shape(out, (2, 100))
+    chex.assert_type(out, jnp.float32)
+
+  def test_unknown_model(self):
+    with pytest.raises(ValueError, match="unknown model 'resnet19'.*resnet18.*vgg_small"):
+      models.get_model("resnet19")
+
+  def test_unknown_shortcut(self):
+    with pytest.raises(ValueError, match="unknown shortcut 'conv'"):
+      jax.eval_shape(lambda x: models.get_model("resnet18", shortcut="conv").init(
+          KEY, x, train=False), X32)
+
+  def test_bfloat16_compute_float32_params_and_logits(self):
+    model = models.get_model("vgg_small", dtype=jnp.bfloat16)
+    variables, out = jax.eval_shape(
+        lambda x: model.init_with_output(KEY, x, train=False)[::-1], X32)
+    chex.assert_type(out, jnp.float32)
+    self.assertEqual({np.dtype(a.dtype) for a in jax.tree.leaves(variables["params"])},
+                     {np.dtype(np.float32)})
+    chex.assert_type(variables[layers.BINARY_ACTS]["conv3"]["a_B"][0], jnp.bfloat16)
+
+
+class BinaryForwardTest(parameterized.TestCase):
+
+  @parameterized.parameters(("resnet18", RESNET18_BINARY), ("resnet20", RESNET20_BINARY),
+                            ("vgg_small", VGG_BINARY))
+  def test_binary_layers_see_pm1_and_use_pm_alpha_kernels(self, name, binary_paths):
+    model = models.get_model(name)
+    variables = fake_variables(name)
+    x = jax.random.normal(KEY, (2, 32, 32, 3))
+    logits, acts = forward(model, variables, x)
+    chex.assert_shape(logits, (2, 10))
+    chex.assert_tree_all_finite(logits)
+    for path in binary_paths:
+      a_b, a_f = np.asarray(acts[f"{path}/a_B"]), np.asarray(acts[f"{path}/a_F"])
+      np.testing.assert_array_equal(np.abs(a_b), 1.0, err_msg=path)
+      np.testing.assert_array_equal(a_b, np.where(a_f >= 0, 1.0, -1.0), err_msg=path)
+      self.assertGreater(np.ptp(a_f), 0.0)  # a real-valued latent input
+    # IR-Net effective kernels: one power-of-two magnitude per output channel.
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    for path in binary_paths:
+      w_b = np.asarray(layers.effective_kernel({"kernel": flat[f"{path}/kernel"]},
+                                               model.kernel_quantizer, binarize.DEFAULT_SCHEDULE))
+      mags = np.abs(w_b).reshape(-1, w_b.shape[-1])
+      np.testing.assert_array_equal(mags, np.broadcast_to(mags[:1], mags.shape), err_msg=path)
+      np.testing.assert_array_equal(np.log2(mags[0]), np.round(np.log2(mags[0])))
+
+  def test_xnor_model_kernels_are_pm_alpha(self):
+    model = models.get_model("resnet20", kernel_quantizer="xnor_weight")
+    rows = [r for r in summary.summarize(model, X32, train=False).layers
+            if r.kind == "BinaryConv"]
+    self.assertEqual([r.path for r in rows], RESNET20_BINARY)
+    flat = traverse_util.flatten_dict(fake_variables("resnet20")["params"], sep="/")
+    for r in rows:
+      latent = np.asarray(flat[f"{r.path}/kernel"])
+      w_b = np.asarray(layers.effective_kernel({"kernel": latent}, model.kernel_quantizer))
+      alpha = np.abs(latent).reshape(-1, latent.shape[-1]).mean(0)
+      np.testing.assert_allclose(w_b, np.where(latent >= 0, 1.0, -1.0) * alpha, rtol=1e-5)
+
+  def test_fp_twin_is_not_binarized(self):
+    x = jax.random.normal(KEY, (2, 8, 8, 3))
+    _, acts = forward(models.get_model("resnet20_fp"), fake_variables("resnet20_fp"), x)
+    a_b = np.asarray(acts["stage2_block1/conv2/a_B"])
+    np.testing.assert_array_equal(a_b, np.asarray(acts["stage2_block1/conv2/a_F"]))
+    self.assertGreater(np.mean(np.abs(a_b) < 0.99), 0.05)
+
+
+class TrainingBehaviourTest(chex.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    # A narrow VGG-small on 8x8 images keeps compiles cheap.
+    self.kwargs = dict(widths=(8, 8, 16, 16, 32, 32))
+    self.model = models.get_model("vgg_small", **self.kwargs)
+    self.x = jax.random.normal(KEY, (4, 8, 8, 3))
+    variables = fake_variables(None, shape_tree=jax.eval_shape(
+        lambda x: self.model.init(KEY, x, train=False), self.x))
+    self.params, self.stats = variables["params"], variables["batch_stats"]
+
+  def loss(self, params, stats, x, schedule):
+    logits, new = self.model.apply({"params": params, "batch_stats": stats}, x,
+                                   train=True, schedule=schedule, mutable=["batch_stats"])
+    return jnp.sum(logits ** 2), new["batch_stats"]
+
+  def test_schedule_change_does_not_retrace_and_changes_grads(self):
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def grads(params, schedule):
+      return jax.grad(self.loss, has_aux=True)(params, self.stats, self.x, schedule)
+
+    out = [grads(self.params, dict(zip("kt", binarize.ede_schedule(jnp.float32(p)))))
+           for p in (0.0, 0.5, 1.0)]
+    g0, g1 = out[0][0]["conv3"]["kernel"], out[2][0]["conv3"]["kernel"]
+    self.assertFalse(np.allclose(np.asarray(g0), np.asarray(g1)))
+    chex.assert_tree_all_finite(out)
+    # train=True updated the running statistics.
+    self.assertFalse(np.allclose(np.asarray(out[0][1]["bn1"]["mean"]), 0.0))
+
+  def test_schedule_does_not_change_the_forward_pass(self):
+    variables = {"params": self.params, "batch_stats": self.stats}
+    sched = dict(zip("kt", binarize.ede_schedule(jnp.float32(0.3))))
+    apply = jax.jit(lambda s: self.model.apply(variables, self.x, train=False, schedule=s))
+    np.testing.assert_array_equal(np.asarray(apply(None)), np.asarray(apply(sched)))
+
+  def test_bn_axis_name_gives_global_batch_statistics(self):
+    model = models.get_model("vgg_small", bn_axis_name="data", **self.kwargs)
+    variables = {"params": self.params, "batch_stats": self.stats}
+
+    def stats_of(m, x):
+      return m.apply(variables, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+
+    shards = self.x.reshape(2, 2, 8, 8, 3)
+    sharded = jax.jit(jax.vmap(lambda xs: stats_of(model, xs), axis_name="data"))(shards)
+    # Row 0: the whole batch; row 1: the first shard alone (twice, same stats).
+    plain = jax.jit(jax.vmap(lambda xs: stats_of(self.model, xs)))(
+        jnp.stack([self.x, jnp.concatenate([shards[0], shards[0]])]))
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], sharded),
+                                jax.tree.map(lambda a: a[0], plain), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(sharded["bn3"]["var"][0], sharded["bn3"]["var"][1])
+    self.assertFalse(np.allclose(np.asarray(plain["bn3"]["var"][1]),
+                                 np.asarray(plain["bn3"]["var"][0])))
