@@ -113,6 +113,8 @@ def _model_kwargs(config) -> dict:
   for key in ("input_quantizer", "kernel_quantizer"):
     if config.model.get(key):
       kwargs[key] = config.model[key]
+  if config.model.get("stage_sizes"):
+    kwargs["stage_sizes"] = tuple(config.model.stage_sizes)
   if config.model.get("dtype") and config.model.dtype != "float32":
     kwargs["dtype"] = jnp.dtype(config.model.dtype)
   return kwargs

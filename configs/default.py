@@ -30,6 +30,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.input_quantizer = ""  # '' = the model's default (IR-Net 'ede_sign').
   config.model.kernel_quantizer = ""  # '' = the model's default ('irnet_weight').
   config.model.dtype = "float32"  # Computation dtype (bfloat16 on TPU).
+  config.model.stage_sizes = ()  # ResNets: blocks per stage; () = the model's own.
 
   # IR-Net error-decay estimator schedule: t = t_min * 10^(e/E log10(t_max/t_min)),
   # k = max(1/t, 1), updated per epoch, passed to the step as arrays.

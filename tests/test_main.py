@@ -16,7 +16,7 @@ from launch import tpu_pod  # pylint: disable=g-import-not-at-top
 SMOKE = ["--config", "configs/digits.py:smoke", "--config.num_train_steps=4",
          "--config.batch_size=16", "--config.log_every_steps=1",
          "--config.eval_every_steps=4", "--config.checkpoint_every_steps=2",
-         "--config.cmim.embed_dim=8"]
+         "--config.cmim.embed_dim=8", "--config.model.stage_sizes=(1,1,1)"]
 
 
 def run_main(*args, devices=4, timeout=600):
