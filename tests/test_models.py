@@ -11,7 +11,12 @@ from flax import traverse_util
 
 from cmim_jax import binarize, layers, models, summary
 
-KEY = jax.random.key(0)
+# XLA:CPU compiles threefry slowly (seconds per shape); rbg keys compile fast.
+KEY = jax.random.key(0, impl="rbg")
+
+
+def normal(shape, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 X32 = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
 
 
@@ -184,7 +189,7 @@ class BinaryForwardTest(parameterized.TestCase):
   def test_binary_layers_see_pm1_and_use_pm_alpha_kernels(self, name, binary_paths):
     model = models.get_model(name)
     variables = fake_variables(name)
-    x = jax.random.normal(KEY, (2, 32, 32, 3))
+    x = normal((2, 32, 32, 3))
     logits, acts = forward(model, variables, x)
     chex.assert_shape(logits, (2, 10))
     chex.assert_tree_all_finite(logits)
@@ -195,9 +200,11 @@ class BinaryForwardTest(parameterized.TestCase):
       self.assertGreater(np.ptp(a_f), 0.0)  # a real-valued latent input
     # IR-Net effective kernels: one power-of-two magnitude per output channel.
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    kernels = jax.jit(lambda ks: {p: layers.effective_kernel(
+        {"kernel": k}, model.kernel_quantizer, binarize.DEFAULT_SCHEDULE) for p, k in ks.items()})(
+            {p: flat[f"{p}/kernel"] for p in binary_paths})
     for path in binary_paths:
-      w_b = np.asarray(layers.effective_kernel({"kernel": flat[f"{path}/kernel"]},
-                                               model.kernel_quantizer, binarize.DEFAULT_SCHEDULE))
+      w_b = np.asarray(kernels[path])
       mags = np.abs(w_b).reshape(-1, w_b.shape[-1])
       np.testing.assert_array_equal(mags, np.broadcast_to(mags[:1], mags.shape), err_msg=path)
       np.testing.assert_array_equal(np.log2(mags[0]), np.round(np.log2(mags[0])))
@@ -215,7 +222,7 @@ class BinaryForwardTest(parameterized.TestCase):
       np.testing.assert_allclose(w_b, np.where(latent >= 0, 1.0, -1.0) * alpha, rtol=1e-5)
 
   def test_fp_twin_is_not_binarized(self):
-    x = jax.random.normal(KEY, (2, 8, 8, 3))
+    x = normal((2, 8, 8, 3))
     _, acts = forward(models.get_model("resnet20_fp"), fake_variables("resnet20_fp"), x)
     a_b = np.asarray(acts["stage2_block1/conv2/a_B"])
     np.testing.assert_array_equal(a_b, np.asarray(acts["stage2_block1/conv2/a_F"]))
@@ -229,7 +236,7 @@ class TrainingBehaviourTest(chex.TestCase):
     # A narrow VGG-small on 8x8 images keeps compiles cheap.
     self.kwargs = dict(widths=(8, 8, 16, 16, 32, 32))
     self.model = models.get_model("vgg_small", **self.kwargs)
-    self.x = jax.random.normal(KEY, (4, 8, 8, 3))
+    self.x = normal((4, 8, 8, 3))
     variables = fake_variables(None, shape_tree=jax.eval_shape(
         lambda x: self.model.init(KEY, x, train=False), self.x))
     self.params, self.stats = variables["params"], variables["batch_stats"]
