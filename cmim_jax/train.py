@@ -388,11 +388,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Restores the latest checkpoint in ``workdir``, evaluates ``data.eval_split``."""
+  validate_config(config)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
+  if ckpt.latest_step() is None:
+    ckpt.restore(None)  # Raises the error that explains what is missing.
   setup = _Setup(config)
   if setup.eval_ds is None:
     raise ValueError("config.data.eval_split is empty; name the split to evaluate, "
                      "e.g. --config.data.eval_split=test.")
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
   state = ckpt.restore(setup.initial_state)
   step = int(first_copy_to_host(state.step))
   result = setup.evaluate(setup.par.to_step_layout(state))
