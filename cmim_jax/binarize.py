@@ -35,7 +35,7 @@ DEFAULT_SCHEDULE: Mapping[str, float] = types.MappingProxyType({"k": 1.0, "t": 1
 
 
 def sign(x: Array) -> Array:
-  """``+1`` where ``x >= 0`` else ``-1``, in ``x.dtype`` (no gradient defined)."""
+  """``+1`` where ``x >= 0`` else ``-1``, in ``x.dtype`` (zero gradient)."""
   return jnp.where(x >= 0, 1, -1).astype(x.dtype)
 
 
@@ -44,9 +44,6 @@ def _reduce_axes(w: Array) -> tuple[int, ...]:
     raise ValueError(f"weight binarizers need a kernel with ndim >= 2 whose last "
                      f"axis is the output channel, got shape {w.shape}")
   return tuple(range(w.ndim - 1))
-
-
-# ---------------------------------------------------------------- ste_sign
 
 
 def _ste_fwd(x, clip):
@@ -84,9 +81,6 @@ def ste_sign(x: Array, clip: float = 1.0) -> Array:
   return _ste_sign_vjp(x, float(clip))
 
 
-# ------------------------------------------------------------- approx_sign
-
-
 @jax.custom_vjp
 def approx_sign(x: Array) -> Array:
   r"""Sign with the Bi-Real Net ApproxSign gradient.
@@ -122,9 +116,6 @@ def _approx_bwd(x, g):
 
 
 approx_sign.defvjp(_approx_fwd, _approx_bwd)
-
-
-# ---------------------------------------------------------------- ede_sign
 
 
 @jax.custom_vjp
@@ -196,12 +187,10 @@ def ede_schedule(progress: Any, t_min: float = 0.1,
     ``(k, t)`` float32 arrays shaped like ``progress``.
   """
   p = jnp.asarray(progress, jnp.float32)
-  t = t_min * jnp.power(10.0, p * jnp.log10(jnp.float32(t_max / t_min)))
+  t_min = jnp.asarray(t_min, jnp.float32)
+  t = t_min * jnp.power(10.0, p * jnp.log10(jnp.asarray(t_max, jnp.float32) / t_min))
   k = jnp.maximum(1.0 / t, 1.0)
   return k.astype(jnp.float32), t.astype(jnp.float32)
-
-
-# -------------------------------------------------------------- swish_sign
 
 
 def _swish_grad(x, beta):
@@ -247,9 +236,6 @@ def swish_sign(x: Array, beta: float = 5.0) -> Array:
     larq ``SwishSign``.
   """
   return _swish_sign_vjp(x, float(beta))
-
-
-# -------------------------------------------------------- weight binarizers
 
 
 def _xnor_fwd(w):
@@ -374,16 +360,9 @@ def identity(x: Array) -> Array:
   return x
 
 
-# ---------------------------------------------------------------- registry
-
-
 class ParamSpec(NamedTuple):
-  """A parameter a weight quantizer owns; the layer using it creates it.
-
-  Attributes:
-    shape: maps the kernel shape to the parameter's shape.
-    init: a ``jax.nn.initializers`` function ``init(key, shape, dtype)``.
-  """
+  """A parameter a weight quantizer owns and the layer using it creates:
+  ``shape(kernel_shape)`` and a ``jax.nn.initializers`` function ``init``."""
   shape: Callable[[Sequence[int]], tuple[int, ...]]
   init: Callable[..., Array]
 

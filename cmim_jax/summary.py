@@ -24,7 +24,6 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from cmim_jax import binarize, layers
 
