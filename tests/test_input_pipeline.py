@@ -61,6 +61,9 @@ def folder_config(root, **overrides):
   return data_config(**kw)
 
 
+ORDER40 = sources.folder_order(40)  # Row i of numbered_folder is image ORDER40[i].
+
+
 def ids(batch):
   """The id of each image of a batch (all its pixels hold it)."""
   return batch['image'][:, 0, 0, 0].astype(int)
@@ -109,9 +112,13 @@ def test_folder_labels_follow_sorted_class_names(tiny_folder):
   assert info.image_shape == (6, 6, 3) and info.source == 'folder'
   assert info.mean == (0.5,) * 3  # A custom name gets the 0.5 default.
   batch = next(evals.iterator())
-  # make_folder wrote cat (ids 0-3), ant (4-6), dog (7-11): sorted, ant first.
-  np.testing.assert_array_equal(ids(batch), [4, 5, 6, 0])
-  np.testing.assert_array_equal(batch['label'], [0, 0, 0, 1])
+  # make_folder wrote cat (ids 0-3), ant (4-6), dog (7-11): sorted, ant first,
+  # then rows in the fixed folder order.
+  listing = np.array([4, 5, 6, 0, 1, 2, 3, 7, 8, 9, 10, 11])
+  labels = np.array([0] * 3 + [1] * 4 + [2] * 5)
+  order = sources.folder_order(12)[:4]
+  np.testing.assert_array_equal(ids(batch), listing[order])
+  np.testing.assert_array_equal(batch['label'], labels[order])
   assert batch['image'].dtype == np.uint8 and batch['label'].dtype == np.int32
 
 
@@ -297,7 +304,7 @@ def test_split_forms_select_the_same_rows_as_tfds(numbered_folder, split,
       folder_config(numbered_folder, eval_split=split), global_batch_size=4,
       eval_batch_size=8, seed=0)
   got = np.concatenate([ids(b)[b['mask'] > 0] for b in evals.iterator()])
-  np.testing.assert_array_equal(got, np.arange(start, stop))
+  np.testing.assert_array_equal(got, ORDER40[start:stop])
   assert info.num_eval == stop - start
 
 
@@ -308,7 +315,8 @@ def test_split_addition(tmp_path):
       folder_config(tmp_path, eval_split='train[:1]+test[1:]'),
       global_batch_size=2, seed=0)
   got = np.concatenate([ids(b)[b['mask'] > 0] for b in evals.iterator()])
-  np.testing.assert_array_equal(got, [0, 51, 52])
+  order = sources.folder_order(3)
+  np.testing.assert_array_equal(got, [order[0], 50 + order[1], 50 + order[2]])
 
 
 def test_train_and_eval_slices_are_disjoint(numbered_folder):
@@ -317,9 +325,9 @@ def test_train_and_eval_slices_are_disjoint(numbered_folder):
                     eval_split='train[75%:]'), global_batch_size=6, seed=0)
   seen = np.concatenate([ids(train.get_batch(s))
                          for s in range(train.steps_per_epoch)])
-  assert set(seen) <= set(range(30)) and len(set(seen)) == len(seen) == 30
+  assert set(seen) == set(ORDER40[:30]) and len(seen) == 30
   held = np.concatenate([ids(b)[b['mask'] > 0] for b in evals.iterator()])
-  np.testing.assert_array_equal(held, np.arange(30, 40))
+  np.testing.assert_array_equal(held, ORDER40[30:])
 
 
 # ---------------------------------------------------------------- iteration
@@ -338,7 +346,7 @@ def test_eval_sees_every_example_once(numbered_folder, process_count):
     assert all(b['image'].shape[0] == 12 // process_count
                for b in batches[-1])
   real = np.concatenate([ids(b)[b['mask'] == 1] for bs in batches for b in bs])
-  np.testing.assert_array_equal(np.sort(real), np.arange(37))
+  np.testing.assert_array_equal(np.sort(real), np.sort(ORDER40[:37]))
   pads = np.concatenate([b['mask'] for bs in batches for b in bs])
   assert pads.sum() == 37 and set(np.unique(pads)) <= {0.0, 1.0}
   assert all(b['mask'].dtype == np.float32 for bs in batches for b in bs)
@@ -589,3 +597,6 @@ def test_shared_cifar10_folder_archive():
   labels = np.concatenate([b['label'] for b in evals.iterator()])
   np.testing.assert_array_equal(np.bincount(labels, minlength=10), [5000] * 10)
   assert next(train.iterator())['image'].shape == (128, 32, 32, 3)
+  # The README's validation split, train[45000:], holds every class.
+  held = np.bincount(labels[45000:], minlength=10)
+  assert held.sum() == 5000 and held.min() > 400, held

@@ -452,6 +452,7 @@ def load_cifar_archive(name, data_dir, split_names, **_):
 
 # Decoded folder splits, keyed by (path, split, fingerprint), so that train and
 # eval splits of one folder, or a second get_datasets call, decode once.
+FOLDER_ORDER_SEED = 0
 _MEMORY_CACHE: dict = {}
 _MEMORY_CACHE_SIZE = 4
 
@@ -608,10 +609,18 @@ def _write_disk_cache(cache_dir, key, decoded):
   os.replace(tmp, paths[2])
 
 
+def folder_order(n: int) -> np.ndarray:
+  """Row ``i`` of an ``n``-image folder split is file ``folder_order(n)[i]``."""
+  return np.random.default_rng(FOLDER_ORDER_SEED).permutation(n)
+
+
 def load_folder(name, data_dir, split_names, *, cache_dir='', **_):
   """``data_dir/<split>/<class>/*.{jpg,jpeg,png}``, a folder or a tar(.gz).
 
   Label ids follow the sorted class names of the requested splits together.
+  Example ``i`` of a split is file ``folder_order(n)[i]`` of its (class,
+  file) sorted listing, so split slices are class-balanced and the same on
+  every machine.
   Images are decoded once (RGB, all of one size) and kept in memory, and in
   ``cache_dir`` as .npy files if given.
   """
@@ -672,7 +681,11 @@ def load_folder(name, data_dir, split_names, *, cache_dir='', **_):
   for split in split_names:
     images, labels, own = decoded[split]
     remap = np.array([classes.index(c) for c in own], np.int32)
-    splits[split] = ArrayRecords(images, remap[labels])
+    # Files are listed class by class; like tfds's prepared splits, the
+    # examples come in a fixed pseudo-random order instead, so that a slice
+    # such as 'train[45000:]' holds every class, not only the last one.
+    order = folder_order(len(labels))
+    splits[split] = ArrayRecords(images[order], remap[labels[order]])
   return SourceData('folder', root, splits, len(classes), tuple(classes))
 
 
