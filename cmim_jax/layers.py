@@ -3,10 +3,12 @@ activation modules of ReActNet (RSign, RPReLU) and SD-BNN (ASD).
 
 A binary layer keeps a real-valued latent ``kernel`` and quantizes it on every
 read; its input is quantized too. Both quantizers are pluggable by name or
-callable (see :func:`cmim_jax.binarize.get`). Each binary layer sows, into the
-collection ``'binary_acts'``, ``'a_F'`` (the latent real input it quantizes)
-and ``'a_B'`` (the quantized input it uses); ``sow`` appends, so each is a
-tuple with one entry per call.
+callable (see :func:`cmim_jax.binarize.get`). Each binary layer whose input
+quantizer is not ``'identity'`` sows, into the collection ``'binary_acts'``,
+``'a_F'`` (the latent real input it quantizes, after any input shift) and
+``'a_B'`` (the quantized input it uses); ``sow`` appends, so each is a tuple
+with one entry per call. ``init`` returns that collection too: drop it before
+``apply``, or the next call appends a second entry.
 """
 from __future__ import annotations
 
@@ -54,8 +56,11 @@ def _quantized_inputs(module: nn.Module, x: Array, schedule: Schedule) -> Array:
   if module.input_shift is not None:
     x = module.input_shift(name="input_shift")(x)
   x_b = binarize.get(module.input_quantizer)(x, **dict(schedule or {}))
-  module.sow(BINARY_ACTS, "a_F", x)
-  module.sow(BINARY_ACTS, "a_B", x_b)
+  # Full-precision inputs (the FP twins, 1w32a layers) have no binarized
+  # activation to contrast, so they sow nothing.
+  if not binarize.is_identity(module.input_quantizer):
+    module.sow(BINARY_ACTS, "a_F", x)
+    module.sow(BINARY_ACTS, "a_B", x_b)
   return x_b
 
 

@@ -99,9 +99,10 @@ class BinaryConvTest(chex.TestCase, parameterized.TestCase):
     layer = layers.BinaryConv(4, (3, 3), padding="SAME", input_quantizer="identity",
                               kernel_quantizer="identity")
     variables = init(layer, x)
-    y = apply(layer, variables, x)
+    y, state = apply(layer, variables, x, mutable=[layers.BINARY_ACTS])
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref_conv(x, variables["params"]["kernel"],
                                                                   1, "SAME")), rtol=1e-5, atol=1e-5)
+    self.assertEqual(dict(state), {})  # nothing binarized, nothing to contrast
 
   def test_missing_schedule_raises(self):
     layer = layers.BinaryConv(4, (3, 3), input_quantizer="ede_sign", kernel_quantizer="ste_sign")

@@ -9,8 +9,9 @@ mutable=[...]) -> f32[B, num_classes]``. Binary defaults are IR-Net's
 the forward pass unchanged: models initialise and evaluate without one, but
 training must pass ``binarize.ede_schedule(epoch / num_epochs)``.
 
-Note that ``model.init`` also returns the sown ``'binary_acts'`` collection;
-keep only ``params`` and ``batch_stats`` from it.
+Binary layers sow ``'a_F'``/``'a_B'`` into ``'binary_acts'`` (the FP twins sow
+nothing); ``model.init`` returns that collection too: keep only ``params`` and
+``batch_stats`` from it.
 """
 from __future__ import annotations
 
