@@ -362,6 +362,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       elapsed = time.time() - t_interval
       summary["images_per_second"] = n_interval * config.batch_size / max(elapsed, 1e-9)
       summary["epoch"] = done / setup.steps_per_epoch
+      summary["images_seen"] = done * config.batch_size
+      summary["elapsed_s"] = time.time() - t_start  # Since this process started training.
       writer.write(done, "train", summary)
       rate = (done - start) / max(time.time() - t_start, 1e-9)
       logging.info("step %d/%d (%.1f%%) loss %.4f acc %.4f lr %.4g | %.0f img/s | ETA %s",
