@@ -81,5 +81,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
     config.data.eval_split = config.data.train_split.split("[")[0] + "[:256]"
     if config.model.name.startswith("resnet18"):
       config.model.name = config.model.name.replace("resnet18", "resnet20")
+    if config.data.image_size:  # Varying-size data (ImageNet): small crops.
+      config.data.image_size = min(config.data.image_size, 64)
     return config
   raise ValueError(f"unknown config argument {variant!r}; known: '', 'smoke'.")

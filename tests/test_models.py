@@ -78,6 +78,8 @@ EXPECTED_PARAMS = {
     "resnet20_sdbnn": RESNET20 + SDBNN_EXTRA["resnet20_sdbnn"],
     "vgg_small": VGG_SMALL, "vgg_small_fp": VGG_SMALL,
     "vgg_small_sdbnn": VGG_SMALL + SDBNN_EXTRA["vgg_small_sdbnn"],
+    # ImageNet Bi-Real ResNet-18 (1000 classes); hand count in test_models_imagenet.py.
+    "birealnet18": 11_689_512, "birealnet18_fp": 11_689_512,
 }
 
 RESNET18_BINARY = [f"stage{s}_block{b}/conv{c}" for s in (1, 2, 3, 4) for b in (1, 2)

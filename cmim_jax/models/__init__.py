@@ -1,4 +1,5 @@
-"""CIFAR binary networks and their full-precision twins, looked up by name.
+"""Binary networks (CIFAR; ImageNet ``birealnet18``) and their full-precision
+twins, looked up by name.
 
 Every model is a Flax module with fields ``num_classes``, ``input_quantizer``,
 ``kernel_quantizer``, ``bn_axis_name`` and ``dtype``, called as
@@ -20,7 +21,8 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from cmim_jax.models import resnet, vgg
-from cmim_jax.models.resnet import BasicBlock, BiRealBlock, ResNet, ResNet18, ResNet20
+from cmim_jax.models.resnet import (BasicBlock, BiRealBlock, BiRealNet18, ResNet, ResNet18,
+                                    ResNet20)
 from cmim_jax.models.vgg import VGGSmall
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -32,6 +34,8 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet.resnet20,
     "resnet20_fp": resnet.resnet20_fp,
     "resnet20_sdbnn": resnet.resnet20_sdbnn,
+    "birealnet18": resnet.birealnet18,
+    "birealnet18_fp": resnet.birealnet18_fp,
     "vgg_small": vgg.vgg_small,
     "vgg_small_fp": vgg.vgg_small_fp,
     "vgg_small_sdbnn": vgg.vgg_small_sdbnn,
@@ -61,5 +65,5 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
   return factory(**kwargs)
 
 
-__all__ = ["MODEL_NAMES", "get_model", "ResNet", "ResNet18", "ResNet20",
+__all__ = ["MODEL_NAMES", "get_model", "ResNet", "ResNet18", "ResNet20", "BiRealNet18",
            "BasicBlock", "BiRealBlock", "VGGSmall"]

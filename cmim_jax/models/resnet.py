@@ -1,11 +1,23 @@
-"""CIFAR ResNets with binary convolutions (32x32 inputs).
+"""ResNets with binary convolutions: CIFAR (32x32) and ImageNet (224x224).
 
-* ResNet-18 (CMIM / IR-Net / SD-BNN layout): FP 3x3 stem (stride 1) + BN,
-  widths 64-128-256-512, two :class:`BasicBlock` per stage; head GAP ->
+* ResNet-18 (CMIM / IR-Net / SD-BNN layout, CIFAR): FP 3x3 stem (stride 1) +
+  BN, widths 64-128-256-512, two :class:`BasicBlock` per stage; head GAP ->
   BatchNorm -> FP dense.
-* ResNet-20 (IR-Net, Bi-Real style): FP stem + BN + hardtanh, widths 16-32-64,
-  three :class:`BiRealBlock` per stage, a real-valued shortcut around every
-  binary conv, option-A (subsample + zero-pad) downsampling.
+* ResNet-20 (IR-Net, Bi-Real style, CIFAR): FP stem + BN + hardtanh, widths
+  16-32-64, three :class:`BiRealBlock` per stage, a real-valued shortcut
+  around every binary conv, option-A (subsample + zero-pad) downsampling.
+* Bi-Real ResNet-18 (ImageNet, ``birealnet18``): ImageNet stem (FP 7x7
+  stride-2 conv + BN + 3x3 stride-2 max-pool, no activation), widths
+  64-128-256-512, two :class:`BiRealBlock` per stage (16 binary 3x3 convs,
+  a real shortcut around each), Bi-Real downsampling (2x2 average pool + FP
+  1x1 conv + BN, ``'avgpool_real'``); head GAP -> FP dense (no head BN, as
+  in Bi-Real). Bi-Real quantizers by default: ApproxSign inputs and
+  magnitude-aware weights (per-output-channel mean-|W| scale, i.e.
+  ``'xnor_weight'``). One deviation: Bi-Real adds the shortcut and feeds the
+  sum on unclipped, while :class:`BiRealBlock` applies hardtanh after each
+  add (the IR-Net ResNet-20 block, shared as is). The clip keeps the sign
+  the next binary conv sees, but the clipped sum is what later shortcuts
+  carry and accumulate, and no gradient passes where it clips.
 
 The stem and the classifier stay full precision. Binary and full-precision
 twins share this code: the FP twin uses the ``'identity'`` quantizers.
@@ -13,7 +25,7 @@ twins share this code: the FP twin uses the ``'identity'`` quantizers.
 Module names (the CMIM taps refer to them): ``stem_conv``, ``stem_bn``,
 ``stage{s}_block{b}`` (1-based) holding ``conv1``, ``bn1``, ``conv2``,
 ``bn2`` and, where the shortcut has weights, ``downsample`` and
-``downsample_bn``; then ``head_bn`` and ``fc``.
+``downsample_bn``; then ``head_bn`` (if any) and ``fc``.
 """
 from __future__ import annotations
 
@@ -29,7 +41,8 @@ from cmim_jax.models import common
 
 Array = jax.Array
 ModuleDef = Any
-SHORTCUTS = ("binary", "real", "option_a")
+SHORTCUTS = ("binary", "real", "option_a", "avgpool_real")
+STEMS = ("cifar", "imagenet")
 
 
 def _shortcut(x: Array, features: int, strides: int, kind: str, conv: ModuleDef,
@@ -39,7 +52,8 @@ def _shortcut(x: Array, features: int, strides: int, kind: str, conv: ModuleDef,
   Args:
     kind: ``'binary'`` (binary 1x1 conv + BN, CMIM/RBNN), ``'real'`` (FP 1x1
       conv + BN, IR-Net/SD-BNN) or ``'option_a'`` (stride-s subsampling and
-      zero-padded channels, no weights).
+      zero-padded channels, no weights) or ``'avgpool_real'`` (Bi-Real:
+      2x2 stride-2 average pool when ``strides > 1``, then FP 1x1 conv + BN).
   """
   if strides == 1 and x.shape[-1] == features:
     return x
@@ -48,6 +62,11 @@ def _shortcut(x: Array, features: int, strides: int, kind: str, conv: ModuleDef,
   elif kind == "real":
     y = nn.Conv(features, (1, 1), strides=strides, padding=0, use_bias=False,
                 dtype=dtype, kernel_init=common.fp_conv_init(), name="downsample")(x)
+  elif kind == "avgpool_real":
+    if strides != 1:
+      x = nn.avg_pool(x, (strides, strides), strides=(strides, strides))
+    y = nn.Conv(features, (1, 1), padding=0, use_bias=False, dtype=dtype,
+                kernel_init=common.fp_conv_init(), name="downsample")(x)
   elif kind == "option_a":
     extra = features - x.shape[-1]
     if extra < 0:
@@ -83,8 +102,11 @@ class BasicBlock(nn.Module):
 
 
 class BiRealBlock(nn.Module):
-  """ResNet-20 block, a real shortcut around each binary conv:
-  ``h = hardtanh(BN(bconv(x)) + shortcut(x))``, ``out = hardtanh(BN(bconv(h)) + h)``."""
+  """ResNet-20 / Bi-Real ResNet-18 block, a real shortcut around each binary conv:
+  ``h = hardtanh(BN(bconv(x)) + shortcut(x))``, ``out = hardtanh(BN(bconv(h)) + h)``.
+
+  Bi-Real Net itself has no hardtanh after the adds; see the module docstring.
+  """
   features: int
   strides: int
   conv: ModuleDef
@@ -104,7 +126,7 @@ class BiRealBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """CIFAR ResNet with binary blocks and a full-precision stem and head.
+  """ResNet with binary blocks and a full-precision stem and head.
 
   Attributes:
     stage_sizes: blocks per stage.
@@ -116,6 +138,8 @@ class ResNet(nn.Module):
     input_shift: optional module factory applied before each binary conv's
       sign (e.g. ``functools.partial(layers.ASD, reduction=16)`` for SD-BNN).
     shortcut: downsampling shortcut, one of ``SHORTCUTS``.
+    stem: ``'cifar'`` (FP 3x3 stride-1 conv + BN) or ``'imagenet'`` (FP 7x7
+      stride-2 conv + BN + 3x3 stride-2 max-pool with padding 1).
     stem_act: hardtanh after the stem BN (IR-Net ResNet-20).
     head_bn: BatchNorm between the pooled features and the classifier.
     bn_axis_name: axis for cross-device BatchNorm statistics.
@@ -129,6 +153,7 @@ class ResNet(nn.Module):
   kernel_quantizer: binarize.QuantizerLike = "irnet_weight"
   input_shift: Optional[Callable[..., nn.Module]] = None
   shortcut: str = "binary"
+  stem: str = "cifar"
   stem_act: bool = False
   head_bn: bool = True
   bn_axis_name: Optional[str] = None
@@ -149,12 +174,18 @@ class ResNet(nn.Module):
     conv = functools.partial(layers.BinaryConv, input_quantizer=self.input_quantizer,
                              kernel_quantizer=self.kernel_quantizer,
                              input_shift=self.input_shift, dtype=self.dtype)
-    x = nn.Conv(self.widths[0], (3, 3), padding=1, use_bias=False, dtype=self.dtype,
+    if self.stem not in STEMS:
+      raise ValueError(f"unknown stem {self.stem!r}; known: {', '.join(STEMS)}")
+    big = self.stem == "imagenet"
+    x = nn.Conv(self.widths[0], (7, 7) if big else (3, 3), strides=2 if big else 1,
+                padding=3 if big else 1, use_bias=False, dtype=self.dtype,
                 kernel_init=common.fp_conv_init(), name="stem_conv")(
                     jnp.asarray(x, self.dtype))
     x = norm(name="stem_bn")(x)
     if self.stem_act:
       x = common.hardtanh(x)
+    if big:  # PyTorch MaxPool2d(3, 2, padding=1): the padding never wins.
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for s, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths), start=1):
       for b in range(1, blocks + 1):
         strides = 2 if (s > 1 and b == 1) else 1
@@ -169,6 +200,7 @@ class ResNet(nn.Module):
 
 
 _FP = dict(input_quantizer="identity", kernel_quantizer="identity")
+_BIREAL = dict(input_quantizer="approx_sign", kernel_quantizer="xnor_weight")
 _SDBNN = dict(kernel_quantizer="wsd_weight",
               input_shift=functools.partial(layers.ASD, reduction=16))
 
@@ -178,6 +210,10 @@ ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
 ResNet20 = functools.partial(ResNet, stage_sizes=(3, 3, 3), widths=(16, 32, 64),
                              block_cls=BiRealBlock, shortcut="option_a",
                              stem_act=True)
+BiRealNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
+                                widths=(64, 128, 256, 512), block_cls=BiRealBlock,
+                                shortcut="avgpool_real", stem="imagenet",
+                                head_bn=False, num_classes=1000, **_BIREAL)
 
 # CMIM: binary downsample; IR-Net / SD-BNN: FP downsample ("realds").
 resnet18 = ResNet18
@@ -188,3 +224,6 @@ resnet18_sdbnn = functools.partial(ResNet18, shortcut="real", **_SDBNN)
 resnet20 = ResNet20
 resnet20_fp = functools.partial(ResNet20, **_FP)
 resnet20_sdbnn = functools.partial(ResNet20, **_SDBNN)
+# ImageNet Bi-Real ResNet-18.
+birealnet18 = BiRealNet18
+birealnet18_fp = functools.partial(BiRealNet18, **_FP)
