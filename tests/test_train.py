@@ -106,7 +106,7 @@ def test_weight_zero_equals_hand_written_base_step():
 
   train_ds, info = _data(())
   model = task.model.clone(bn_axis_name=None)
-  init = train.init_state(task, jax.random.PRNGKey(config.seed))
+  init = jax.jit(functools.partial(train.init_state, task))(jax.random.PRNGKey(config.seed))
   batch = next(train_ds.iterator(0))
   rng = jax.random.fold_in(init.rng, 0)
   keys = [jax.random.fold_in(rng, i) for i in range(BATCH)]
