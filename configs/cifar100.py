@@ -21,4 +21,5 @@ def get_config(variant: str = ""):
   config.optimizer = "sgd"
   config.learning_rate = 0.1
   config.num_epochs = 400.0
+  config.decay_kernels_only = False  # The official code decays every parameter.
   return default.apply_variant(config, variant)

@@ -220,7 +220,7 @@ resnet18 = ResNet18
 resnet18_fp = functools.partial(ResNet18, **_FP)
 resnet18_realds = functools.partial(ResNet18, shortcut="real")
 resnet18_realds_fp = functools.partial(ResNet18, shortcut="real", **_FP)
-resnet18_sdbnn = functools.partial(ResNet18, shortcut="real", **_SDBNN)
+resnet18_sdbnn = functools.partial(ResNet18, shortcut="real", stem_act=True, **_SDBNN)
 resnet20 = ResNet20
 resnet20_fp = functools.partial(ResNet20, **_FP)
 resnet20_sdbnn = functools.partial(ResNet20, **_SDBNN)
