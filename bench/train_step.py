@@ -291,6 +291,9 @@ def _child_env(args) -> dict:
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   flags += args.xla_flags.split()
+  if not args.no_xla_tuning:  # What `python -m cmim_jax.main` runs with.
+    from cmim_jax import xla_tuning  # pylint: disable=g-import-not-at-top
+    flags += xla_tuning.extra_flags(" ".join(flags))
   env["XLA_FLAGS"] = " ".join(flags)
   if args.device == "cpu":
     env["JAX_PLATFORMS"] = "cpu"
@@ -359,6 +362,8 @@ def main(argv=None):
   p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
   p.add_argument("--torch_channels_last", action="store_true")
   p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for the JAX cases")
+  p.add_argument("--no_xla_tuning", action="store_true",
+                 help="leave out cmim_jax.xla_tuning's flags (XLA defaults)")
   p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
   p.add_argument("--model", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -378,7 +383,7 @@ def main(argv=None):
   models = [m for m in args.models.split(",") if m]
   steps, repeats = _per_model(args.steps, models), _per_model(args.repeats, models)
   report = {"batch_size": args.batch_size, "steps": steps, "repeats": repeats,
-            "warmup": args.warmup, "threads": args.threads, "xla_flags": args.xla_flags,
+            "warmup": args.warmup, "threads": args.threads, "xla_flags": _child_env(args)["XLA_FLAGS"],
             "machine": _machine(args), "models": {}}
   for model in models:
     res = {}

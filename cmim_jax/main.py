@@ -19,6 +19,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from cmim_jax import xla_tuning
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration file (path[:argument]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -35,25 +37,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 _TPU_POD_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
-# XLA:CPU in jaxlib 0.10 runs convolution weight gradients through YNNPACK,
-# 2-4x slower than Eigen for these networks (bench/README.md has the profile).
-# Only the CPU backend reads the flag; other jaxlib versions may not know it.
-_CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-_CPU_CONV_FLAG_JAXLIB = ("0.10.",)
-
-
-def _tune_xla_cpu() -> None:
-  """Adds :data:`_CPU_CONV_FLAG` to XLA_FLAGS (before JAX starts) where known."""
-  import importlib.metadata  # pylint: disable=g-import-not-at-top
-  if os.environ.get("CMIM_JAX_NO_XLA_TUNING"):
-    return
-  try:
-    version = importlib.metadata.version("jaxlib")
-  except importlib.metadata.PackageNotFoundError:
-    return
-  flags_now = os.environ.get("XLA_FLAGS", "")
-  if version.startswith(_CPU_CONV_FLAG_JAXLIB) and "ynn_fusion_type" not in flags_now:
-    os.environ["XLA_FLAGS"] = f"{flags_now} {_CPU_CONV_FLAG}".strip()
 
 
 def _init_distributed(jax) -> None:
@@ -83,7 +66,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  _tune_xla_cpu()
+  xla_tuning.apply()  # Before the first use of a JAX backend.
   import jax  # pylint: disable=g-import-not-at-top
   if _NUM_CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
