@@ -385,6 +385,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.close()
   if start >= total:
     logging.info("Nothing to train: the checkpoint is at step %d of %d.", start, total)
+  elif last_eval:
+    logging.info("Done: %d steps in %s; held-out accuracy %.4f on %s (%d examples).",
+                 total - start, _format_eta(time.time() - t_start), last_eval["accuracy"],
+                 config.data.eval_split, last_eval["num_examples"])
   return last_eval
 
 
