@@ -27,6 +27,17 @@ def load(run_dir):
   return train, evals
 
 
+def training_seconds(train):
+  """Wall time of training, summed over resumed segments (elapsed_s restarts)."""
+  total, last = 0.0, 0.0
+  for r in train:
+    t = r.get("elapsed_s", float("nan"))
+    if t < last:  # A resumed process: the previous segment ended at `last`.
+      total += last
+    last = t
+  return total + last
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("root")
@@ -50,7 +61,7 @@ def main():
     label, seed = n.rsplit("-s", 1) if "-s" in n else (n, "?")
     steps = train[-1]["step"] if train else 0
     images = train[-1].get("images_seen", 0) if train else 0
-    wall = train[-1].get("elapsed_s", float("nan")) if train else float("nan")
+    wall = training_seconds(train)
     final = evals[-1]["accuracy"] if evals else float("nan")
     best = max(e["accuracy"] for e in evals) if evals else float("nan")
     images_txt = f"{images:,}"
