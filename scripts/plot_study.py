@@ -13,7 +13,6 @@ import json
 import os
 import platform
 
-import numpy as np
 
 LABELS = {"fp": "ResNet-20 full precision", "base": "ResNet-20 1w1a (CMIM weight 0)",
           "cmim": "ResNet-20 1w1a + CMIM (weight 3.2)"}

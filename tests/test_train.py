@@ -2,7 +2,6 @@
 equals the base method, schedules do not retrace, NaN stops the run, resume."""
 
 import functools
-import os
 import shutil
 
 import chex
@@ -13,7 +12,6 @@ import optax
 import pytest
 
 from cmim_jax import input_pipeline
-from cmim_jax import losses
 from cmim_jax import metric_writers
 from cmim_jax import train
 from cmim_jax.parallel import Parallel
