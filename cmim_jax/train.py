@@ -349,9 +349,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "rate or check the input data.")
     return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
 
+  schedule_epoch, schedule = None, None
   for step in range(start, total):
     batch = next(batches)
-    schedule = par.replicated_input(schedule_at(config, step, setup.steps_per_epoch, total))
+    if step // setup.steps_per_epoch != schedule_epoch:  # k and t change once an epoch.
+      schedule_epoch = step // setup.steps_per_epoch
+      schedule = par.replicated_input(schedule_at(config, step, setup.steps_per_epoch, total))
     state_dev, metrics = step_fn(state_dev, schedule, par.batch_input(batch))
     done = step + 1
     pending.append((done, par.output(metrics)))
