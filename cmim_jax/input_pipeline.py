@@ -9,8 +9,10 @@ pad-crop-flip there when ``augment == 'device'``. Typical use::
       config.data, global_batch_size=256, seed=config.seed)
   for step, batch in zip(range(start, total), train.iterator(start)):
     batch = input_pipeline.to_global_array(batch, sharding)
-    ...  # in the step: x = preprocess_on_device(rng, batch['image'],
-         #   info=info, train=True, augment=config.data.augment)
+    ...  # in the step, on each device's rows of the batch:
+         # x = preprocess_on_device(rng, batch['image'], info=info,
+         #     train=True, augment=config.data.augment,
+         #     index_offset=jax.lax.axis_index('data') * local_batch)
 
 Sources (``data.source``): 'tfds' (``tfds.data_source`` on array_record
 data; ``tfds.load`` only if TensorFlow is installed), 'cifar_archive' (the
@@ -24,7 +26,6 @@ parts and docs/CONTRACTS.md for the interface.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -32,21 +33,32 @@ import ml_collections
 import numpy as np
 
 from cmim_jax.data import augment as _augment
+from cmim_jax.data import catalogue as _catalogue
 from cmim_jax.data import iterators as _iterators
+from cmim_jax.data import records as _records
 from cmim_jax.data import sources as _sources
 from cmim_jax.data import splits as _splits
 # Re-exported: the public names of the data package.
 # pylint: disable=unused-import
+from cmim_jax.data.augment import example_keys
 from cmim_jax.data.augment import normalize
 from cmim_jax.data.augment import pad_crop_flip
 from cmim_jax.data.augment import preprocess_on_device
 from cmim_jax.data.iterators import EvalData
 from cmim_jax.data.iterators import TrainData
-from cmim_jax.data.sources import clear_cache
-from cmim_jax.data.sources import DataNotFoundError
+from cmim_jax.data.loaders.folder import clear_cache
+from cmim_jax.data.records import DataNotFoundError
+from cmim_jax.data.records import DatasetInfo
 from cmim_jax.data.splits import resolve_split
 from cmim_jax.data.splits import split_names
 # pylint: enable=unused-import
+
+
+# The keys of the ``data`` config section; get_datasets reads each of them and
+# accepts no other.
+DATA_KEYS = ('name', 'source', 'data_dir', 'train_split', 'eval_split',
+             'augment', 'cache_dir', 'image_size', 'eval_crop_fraction',
+             'mean', 'std', 'prefetch', 'num_threads')
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -94,41 +106,19 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """Static facts about the datasets; hashable, so it can be a jit static.
-
-  Attributes:
-    name: dataset name.
-    source: the source that provided the data.
-    num_classes: number of classes.
-    image_shape: (H, W, C) of the batches the iterators yield.
-    num_train: examples in the training split.
-    num_eval: examples in the evaluation split (0 if none).
-    mean: per-channel mean on the 0..1 scale.
-    std: per-channel std on the 0..1 scale.
-    augment: the resolved augmentation mode ('device', 'host', 'none').
-    crop_padding: zero padding of the pad-crop (0: no pad-crop).
-    class_names: class names in label order.
-  """
-  name: str
-  source: str
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  num_train: int
-  num_eval: int
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  augment: str
-  crop_padding: int
-  class_names: tuple[str, ...] = dataclasses.field(
-      default=(), compare=False, repr=False)
-
-
-def _merged_config(data_config) -> ml_collections.ConfigDict:
-  # Defaults for keys an older config lacks; unknown keys fail loudly.
-  cfg = get_config()
-  cfg.update(dict(data_config))
+def _checked_config(data_config) -> ml_collections.ConfigDict:
+  # Every key is read and none has a default here: a missing key would
+  # otherwise silently take a value from a second copy of the defaults.
+  given = set(dict(data_config))
+  missing = [k for k in DATA_KEYS if k not in given]
+  unknown = sorted(given - set(DATA_KEYS))
+  if missing or unknown:
+    raise ValueError(
+        f'The data config must have exactly the keys {DATA_KEYS}; missing '
+        f'{missing}, unknown {unknown}. Start from the full default data '
+        f'section (configs/default.py) and override keys, or fix the '
+        f'spelling.')
+  cfg = ml_collections.ConfigDict(dict(data_config))
   if cfg.source not in _sources.SOURCES:
     raise ValueError(f'data.source={cfg.source!r} is not one of '
                      f'{_sources.SOURCES}.')
@@ -170,7 +160,7 @@ def get_datasets(data_config, *, global_batch_size: int,
       looked and how to provide the data).
     ValueError: bad config, split string, batch size, or data.
   """
-  cfg = _merged_config(data_config)
+  cfg = _checked_config(data_config)
   if process_count is None:
     process_count = jax.process_count()
   if process_index is None:
@@ -182,7 +172,7 @@ def get_datasets(data_config, *, global_batch_size: int,
   _check_batch('global_batch_size', global_batch_size, process_count)
   _check_batch('eval_batch_size', eval_batch_size, process_count)
 
-  spec = _sources.dataset_spec(cfg.name)
+  spec = _catalogue.dataset_spec(cfg.name)
   train_names = _splits.split_names(cfg.train_split)
   eval_names = _splits.split_names(cfg.eval_split) if cfg.eval_split else []
   num_threads = cfg.num_threads or min(16, os.cpu_count() or 1)
@@ -190,9 +180,9 @@ def get_datasets(data_config, *, global_batch_size: int,
                        list(dict.fromkeys(train_names + eval_names)),
                        cache_dir=cfg.cache_dir, num_threads=num_threads)
   sizes = {s: len(r) for s, r in data.splits.items()}
-  train_records = _sources.select(
+  train_records = _records.select(
       data.splits, _splits.resolve_split(cfg.train_split, sizes))
-  eval_records = (_sources.select(
+  eval_records = (_records.select(
       data.splits, _splits.resolve_split(cfg.eval_split, sizes))
                   if cfg.eval_split else None)
 
@@ -226,8 +216,8 @@ def get_datasets(data_config, *, global_batch_size: int,
           f'{tuple(eval_shape)} but training split {cfg.train_split!r} has '
           f'{image_shape}; both need one size.')
   channels = image_shape[-1]
-  mean = tuple(cfg.mean) or spec.mean or (_sources.DEFAULT_MEAN,) * channels
-  std = tuple(cfg.std) or spec.std or (_sources.DEFAULT_STD,) * channels
+  mean = tuple(cfg.mean) or spec.mean or (_catalogue.DEFAULT_MEAN,) * channels
+  std = tuple(cfg.std) or spec.std or (_catalogue.DEFAULT_STD,) * channels
   if len(mean) != channels or len(std) != channels:
     raise ValueError(f'data.mean={mean} / data.std={std} need {channels} '
                      f'values, one per channel.')

@@ -182,13 +182,9 @@ def preprocess(task: Task, rng: jax.Array | None, images: jax.Array, *,
   Each example's augmentation key is ``fold_in(rng, global_index)``, so the
   augmented batch does not depend on how many devices share it.
   """
-  if train and task.augment == "device":
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(offset + jnp.arange(images.shape[0]))
-    one = lambda k, im: input_pipeline.preprocess_on_device(
-        k, im[None], info=task.info, train=True, augment="device")[0]
-    return jax.vmap(one)(keys, images)
   return input_pipeline.preprocess_on_device(
-      rng, images, info=task.info, train=False, augment="none")
+      rng, images, info=task.info, train=train,
+      augment=task.augment if train else "none", index_offset=offset)
 
 
 def train_step(state: TrainState, schedule: Mapping[str, jax.Array],

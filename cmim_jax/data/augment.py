@@ -122,11 +122,33 @@ def center_crop_resize_np(image: np.ndarray, size: int,
 # --------------------------------------------------------------- device side
 
 
-def pad_crop_flip(rng: jax.Array, images: jax.Array, pad: int) -> jax.Array:
+def example_keys(rng: jax.Array, n: int, index_offset=0) -> jax.Array:
+  """The augmentation keys of ``n`` consecutive examples of a global batch.
+
+  Example ``j`` of the global batch draws from ``fold_in(rng, j)``. A device
+  holding rows ``index_offset .. index_offset + n`` of it therefore draws
+  what a single device holding the whole batch would, whatever the number of
+  devices.
+
+  Args:
+    rng: the step's PRNG key.
+    n: number of examples.
+    index_offset: global index of the first example (an int, or a traced
+      scalar such as ``axis_index * n`` under ``shard_map``/``pmap``).
+
+  Returns:
+    ``n`` keys, one per example.
+  """
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(
+      index_offset + jnp.arange(n))
+
+
+def pad_crop_flip(keys: jax.Array, images: jax.Array, pad: int) -> jax.Array:
   """Random zero-pad crop and horizontal flip of a batch, in jax.
 
   Args:
-    rng: a PRNG key; the result is a function of (rng, images).
+    keys: one PRNG key per image (``example_keys``); image ``i``'s window
+      and flip are a function of ``keys[i]`` alone.
     images: [B, H, W, C], any dtype (uint8 keeps the gather cheap).
     pad: zero padding on each side; offsets are uniform in ``[0, 2 * pad]``.
 
@@ -134,16 +156,21 @@ def pad_crop_flip(rng: jax.Array, images: jax.Array, pad: int) -> jax.Array:
     Array of the shape and dtype of ``images``.
   """
   b, h, w, c = images.shape
-  crop_key, flip_key = jax.random.split(rng)
-  offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * pad + 1)
-  flips = jax.random.bernoulli(flip_key, 0.5, (b,))
-  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  if keys.shape[:1] != (b,):
+    raise ValueError(f'pad_crop_flip needs one key per image: {b} images, '
+                     f'keys of shape {keys.shape}; use example_keys.')
 
-  def one(image, offset):
-    return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+  def one(key, image):
+    crop_key, flip_key = jax.random.split(key)
+    # Shapes (1, 2) and (1,), as a batch of one: keeps the draws those of the
+    # trainer's earlier per-example code, so runs stay reproducible.
+    offset = jax.random.randint(crop_key, (1, 2), 0, 2 * pad + 1)[0]
+    flip = jax.random.bernoulli(flip_key, 0.5, (1,))[0]
+    padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    crop = jax.lax.dynamic_slice(padded, (offset[0], offset[1], 0), (h, w, c))
+    return jnp.where(flip, crop[:, ::-1], crop)
 
-  crops = jax.vmap(one)(padded, offsets)
-  return jnp.where(flips[:, None, None, None], crops[:, :, ::-1], crops)
+  return jax.vmap(one)(keys, images)
 
 
 def normalize(images: jax.Array, mean, std) -> jax.Array:
@@ -165,28 +192,30 @@ def resolve_augment(augment: str | None, info) -> str:
 
 
 def preprocess_on_device(rng: jax.Array | None, images: jax.Array, *, info,
-                         train: bool, augment: str | None = 'auto',
-                         axis_name: str | None = None) -> jax.Array:
+                         train: bool, augment: str | None,
+                         index_offset=0) -> jax.Array:
   """Turns uint8 batches from the iterators into normalised float32 images.
 
   Jittable; ``info``, ``train`` and ``augment`` are static Python values.
   With ``train`` and ``augment == 'device'`` it first applies the random
-  pad-crop-flip (pad ``info.crop_padding``); otherwise the images are only
-  normalised (host augmentation, if any, already happened in the iterator).
-  The same ``info.mean``/``info.std`` are used for train and eval.
+  pad-crop-flip (pad ``info.crop_padding``), example ``j`` of the global
+  batch drawing from ``fold_in(rng, j)`` (``example_keys``), so the result
+  does not depend on how the batch is split over devices. Otherwise the
+  images are only normalised (host augmentation, if any, already happened in
+  the iterator). The same ``info.mean``/``info.std`` are used for train and
+  eval.
 
   Args:
     rng: PRNG key for the augmentation; fold in the step so that a resumed
       run draws the same crops. May be None when no device augmentation
       applies.
-    images: uint8[B, H, W, C] as yielded by the iterators (the global batch
-      under jit, or the per-device part under ``shard_map``/``pmap``).
+    images: uint8[B, H, W, C] as yielded by the iterators: the global batch,
+      or one device's consecutive rows of it.
     info: the ``DatasetInfo`` from ``get_datasets``.
     train: whether this is a training batch.
     augment: 'device', 'host', 'none', or 'auto' (= ``info.augment``).
-    axis_name: under ``shard_map``/``pmap``, the batch axis name; the device
-      index along it is folded into ``rng`` so that devices draw different
-      crops from the same key.
+    index_offset: global batch index of ``images[0]``; on device ``d`` of a
+      ``shard_map``/``pmap`` over the batch, ``axis_index * B``.
 
   Returns:
     float32[B, H, W, C].
@@ -207,7 +236,6 @@ def preprocess_on_device(rng: jax.Array | None, images: jax.Array, *, info,
           f'{info.name} has none (use augment=\'host\').')
     if rng is None:
       raise ValueError("augment='device' with train=True needs an rng key.")
-    if axis_name is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    images = pad_crop_flip(rng, images, info.crop_padding)
+    keys = example_keys(rng, images.shape[0], index_offset)
+    images = pad_crop_flip(keys, images, info.crop_padding)
   return normalize(images, info.mean, info.std)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-import tensorflow_datasets as tfds
-
 ACCEPTED_FORMS = (
     "'train', 'test', 'train[:45000]', 'train[45000:]', 'train[-5000:]', "
     "'train[:90%]', 'train[10%:20%]', or several joined with '+' "
@@ -35,6 +33,9 @@ def _parse(spec: str):
     raise ValueError(
         f'Split must be a non-empty string, got {spec!r}. Accepted forms: '
         f'{ACCEPTED_FORMS}.')
+  # Imported here: tensorflow_datasets is slow to import and only the
+  # pipeline's builder needs it, not every importer of input_pipeline.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     parsed = tfds.core.ReadInstruction.from_spec(spec.strip())
   except (ValueError, NotImplementedError) as e:
@@ -47,6 +48,7 @@ def _parse(spec: str):
 def _names(parsed) -> list[str]:
   # A parsed spec is a binary tree of `+` nodes (left/right) over
   # ReadInstruction leaves; `all` is a leaf without a split name.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if isinstance(parsed, tfds.core.ReadInstruction):
     return [parsed.split_name]
   if hasattr(parsed, 'left') and hasattr(parsed, 'right'):
