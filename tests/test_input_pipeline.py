@@ -6,6 +6,8 @@ be traced back to the examples it holds.
 
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 
 import jax
@@ -14,7 +16,10 @@ import pytest
 from PIL import Image
 
 from cmim_jax import input_pipeline as ip
-from cmim_jax.data import sources
+from cmim_jax.data import catalogue
+from cmim_jax.data.loaders import cifar_archive
+from cmim_jax.data.loaders import digits
+from cmim_jax.data.loaders import folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +66,7 @@ def folder_config(root, **overrides):
   return data_config(**kw)
 
 
-ORDER40 = sources.folder_order(40)  # Row i of numbered_folder is image ORDER40[i].
+ORDER40 = folder.folder_order(40)  # Row i of numbered_folder is image ORDER40[i].
 
 
 def ids(batch):
@@ -85,20 +90,36 @@ def numbered_folder(tmp_path):
 # -------------------------------------------------------------------- config
 
 
-def test_get_config_has_every_key_and_is_locked():
+def test_get_config_has_exactly_the_data_keys_and_is_locked():
   c = ip.get_config()
-  for key in ('name', 'source', 'data_dir', 'train_split', 'eval_split',
-              'augment', 'cache_dir', 'image_size', 'eval_crop_fraction',
-              'mean', 'std', 'prefetch', 'num_threads'):
-    assert key in c, key
+  assert sorted(c) == sorted(ip.DATA_KEYS)
+  assert len(set(ip.DATA_KEYS)) == len(ip.DATA_KEYS)
   with pytest.raises(AttributeError):
     c.shuffle_bufer = 3  # A misspelt key fails loudly.
 
 
+def test_every_data_key_is_read_by_get_datasets(tiny_folder):
+  """Deleting any one key fails with a message naming it (no hidden default)."""
+  full = dict(folder_config(tiny_folder))
+  for key in ip.DATA_KEYS:
+    partial = {k: v for k, v in full.items() if k != key}
+    with pytest.raises(ValueError, match=rf"missing \['{key}'\]"):
+      ip.get_datasets(partial, global_batch_size=4, seed=0)
+
+
 def test_unknown_key_in_data_config_fails(tiny_folder):
-  with pytest.raises(KeyError):
+  with pytest.raises(ValueError, match=r"unknown \['batchsize'\]"):
     ip.get_datasets(dict(folder_config(tiny_folder), batchsize=3),
                     global_batch_size=4, seed=0)
+
+
+def test_importing_the_pipeline_does_not_import_tfds():
+  code = ('import sys, cmim_jax.input_pipeline; '
+          'print("tensorflow_datasets" in sys.modules)')
+  out = subprocess.run([sys.executable, '-c', code], check=True,
+                       capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO)).stdout
+  assert out.strip() == 'False'
 
 
 # -------------------------------------------------------------------- folder
@@ -116,7 +137,7 @@ def test_folder_labels_follow_sorted_class_names(tiny_folder):
   # then rows in the fixed folder order.
   listing = np.array([4, 5, 6, 0, 1, 2, 3, 7, 8, 9, 10, 11])
   labels = np.array([0] * 3 + [1] * 4 + [2] * 5)
-  order = sources.folder_order(12)[:4]
+  order = folder.folder_order(12)[:4]
   np.testing.assert_array_equal(ids(batch), listing[order])
   np.testing.assert_array_equal(batch['label'], labels[order])
   assert batch['image'].dtype == np.uint8 and batch['label'].dtype == np.int32
@@ -154,7 +175,7 @@ def test_folder_cache_dir_skips_decoding(tiny_folder, tmp_path, monkeypatch):
   def no_decoding(*args):
     raise AssertionError('decoded again despite the cache')
 
-  monkeypatch.setattr(sources, '_decode_image', no_decoding)
+  monkeypatch.setattr(folder, 'decode_image', no_decoding)
   second = ip.get_datasets(cfg, global_batch_size=4, seed=0)
   np.testing.assert_array_equal(first[0].get_batch(2)['image'],
                                 second[0].get_batch(2)['image'])
@@ -164,12 +185,20 @@ def test_folder_cache_dir_skips_decoding(tiny_folder, tmp_path, monkeypatch):
   ip.get_datasets(cfg, global_batch_size=4, seed=0)
 
 
-def test_cache_dir_inside_the_repository_is_refused(tiny_folder):
-  with pytest.raises(ValueError, match='inside the repository'):
-    ip.get_datasets(folder_config(tiny_folder,
-                                  cache_dir=os.path.join(REPO, 'cache')),
-                    global_batch_size=4, seed=0)
-  assert not os.path.exists(os.path.join(REPO, 'cache'))
+def test_cifar_archive_with_empty_data_dir_reads_the_data_cache(
+    tmp_path, monkeypatch):
+  _write_cifar(str(tmp_path / 'cache'), 'cifar10', {'train': 4, 'test': 6},
+               10)
+  monkeypatch.setenv('CMIM_JAX_DATA', str(tmp_path / 'cache'))
+  assert cifar_archive.cache_dir() == str(tmp_path / 'cache')
+  cfg = data_config(name='cifar10', source='cifar_archive', data_dir='')
+  _, _, info = ip.get_datasets(cfg, global_batch_size=4, seed=0)
+  assert (info.num_train, info.num_eval) == (20, 6)
+  monkeypatch.setenv('CMIM_JAX_DATA', str(tmp_path / 'empty'))
+  with pytest.raises(FileNotFoundError, match='CMIM_JAX_DATA'):
+    ip.get_datasets(cfg, global_batch_size=4, seed=0)
+  monkeypatch.delenv('CMIM_JAX_DATA')
+  assert cifar_archive.cache_dir() == os.path.expanduser('~/.cache/cmim_jax')
 
 
 def test_eval_split_of_another_size(tmp_path):
@@ -270,7 +299,7 @@ def test_digits_partition_and_stats():
   assert (info.num_train, info.num_eval) == (1500, 297)
   assert info.image_shape == (8, 8, 1) and info.augment == 'none'
   assert info.crop_padding == 1
-  data = sources.load_digits('digits', '', ['train', 'test'])
+  data = digits.load('digits', '', ['train', 'test'])
   tr, te = data.splits['train'].images, data.splits['test'].images
   assert tr.max() == 255 and tr.min() == 0
   x = tr / 255.0
@@ -315,7 +344,7 @@ def test_split_addition(tmp_path):
       folder_config(tmp_path, eval_split='train[:1]+test[1:]'),
       global_batch_size=2, seed=0)
   got = np.concatenate([ids(b)[b['mask'] > 0] for b in evals.iterator()])
-  order = sources.folder_order(3)
+  order = folder.folder_order(3)
   np.testing.assert_array_equal(got, [order[0], 50 + order[1], 50 + order[2]])
 
 
@@ -593,7 +622,7 @@ def test_shared_cifar10_folder_archive():
   assert info.class_names == ('airplane', 'automobile', 'bird', 'cat', 'deer',
                               'dog', 'frog', 'horse', 'ship', 'truck')
   assert info.image_shape == (32, 32, 3) and info.augment == 'device'
-  assert info.mean == sources.CIFAR10_MEAN
+  assert info.mean == catalogue.CIFAR10_MEAN
   labels = np.concatenate([b['label'] for b in evals.iterator()])
   np.testing.assert_array_equal(np.bincount(labels, minlength=10), [5000] * 10)
   assert next(train.iterator())['image'].shape == (128, 32, 32, 3)

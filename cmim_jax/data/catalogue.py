@@ -14,7 +14,7 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Pixel mean/std of the digits 'train' split on the 0..1 scale
-# (tests/test_data_catalogue.py recomputes them from the data).
+# (tests/test_input_pipeline.py recomputes them from the data).
 DIGITS_MEAN, DIGITS_STD = (0.3057,), (0.3759,)
 # Unknown datasets (a custom folder or tfds name) without data.mean/data.std.
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.5
