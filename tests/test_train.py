@@ -107,10 +107,10 @@ def test_weight_zero_equals_hand_written_base_step():
   init = jax.jit(functools.partial(train.init_state, task))(jax.random.PRNGKey(config.seed))
   batch = next(train_ds.iterator(0))
   rng = jax.random.fold_in(init.rng, 0)
-  keys = [jax.random.fold_in(rng, i) for i in range(BATCH)]
+  # Example i alone, at its global index: the crops of the whole batch.
   images = jnp.concatenate([input_pipeline.preprocess_on_device(
-      k, batch["image"][i:i + 1], info=info, train=True, augment="device")
-      for i, k in enumerate(keys)])
+      rng, batch["image"][i:i + 1], info=info, train=True, augment="device",
+      index_offset=i) for i in range(BATCH)])
   sched = train.schedule_at(config, 0, train_ds.steps_per_epoch, 10)
 
   @jax.jit
