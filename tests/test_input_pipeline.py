@@ -98,6 +98,11 @@ def test_get_config_has_exactly_the_data_keys_and_is_locked():
     c.shuffle_bufer = 3  # A misspelt key fails loudly.
 
 
+def test_default_config_data_section_has_exactly_the_data_keys():
+  default_config = pytest.importorskip('cmim_jax.default_config')
+  assert sorted(default_config.get_config().data) == sorted(ip.DATA_KEYS)
+
+
 def test_every_data_key_is_read_by_get_datasets(tiny_folder):
   """Deleting any one key fails with a message naming it (no hidden default)."""
   full = dict(folder_config(tiny_folder))
