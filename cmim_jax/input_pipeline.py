@@ -62,7 +62,11 @@ DATA_KEYS = ('name', 'source', 'data_dir', 'train_split', 'eval_split',
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The ``data`` section of a training config, with every key (locked)."""
+  """The default ``data`` section of a training config: ``DATA_KEYS``, locked.
+
+  The default config (configs/default.py) takes its data section from here;
+  ``get_datasets`` itself has no defaults.
+  """
   c = ml_collections.ConfigDict()
   # Dataset: 'cifar10', 'cifar100', 'imagenet2012', 'digits', or a custom
   # name for a folder/tfds dataset (then mean/std default to 0.5).
