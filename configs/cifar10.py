@@ -3,18 +3,20 @@ r"""CIFAR-10, ResNet-18 1w1a (IR-Net quantizers) with CMIM.
   python -m cmim_jax.main --config configs/cifar10.py --workdir runs/cifar10
 
 Arguments: ``:smoke`` (one-minute CPU run), ``:cpu`` (the CPU-budget study of
-the README: ResNet-20 on ../shared/data, train[:45000] / train[45000:]).
+the README: ResNet-20, train[:45000] / train[45000:]). Like every config, it
+finds CIFAR-10 through ``data.data_dir`` (or tfds' default directory), e.g.
+
+  python -m cmim_jax.main --config configs/cifar10.py:cpu --workdir runs/c10cpu \
+      --config.data.data_dir=~/data/cifar-10-python.tar.gz
 """
 
-from configs import default
+from cmim_jax import default_config
 
 
 def get_config(variant: str = ""):
-  config = default.get_config()
+  config = default_config.get_config()
   config.data.name = "cifar10"
   if variant == "cpu":
-    config.data.source = "folder"
-    config.data.data_dir = "../shared/data/cifar10-train.tar.gz"
     config.data.train_split = "train[:45000]"
     config.data.eval_split = "train[45000:]"
     config.model.name = "resnet20"
@@ -25,4 +27,4 @@ def get_config(variant: str = ""):
     config.eval_every_steps = 250
     config.checkpoint_every_steps = 500
     return config
-  return default.apply_variant(config, variant)
+  return default_config.apply_variant(config, variant)

@@ -9,11 +9,11 @@ code uses batch 100; we use 128 so that it splits over 8 devices.
 ``:smoke`` shrinks it to a one-minute CPU run.
 """
 
-from configs import default
+from cmim_jax import default_config
 
 
 def get_config(variant: str = ""):
-  config = default.get_config()
+  config = default_config.get_config()
   config.data.name = "cifar100"
   config.model.name = "resnet18"
   config.cmim.weight = 3.2
@@ -22,4 +22,4 @@ def get_config(variant: str = ""):
   config.learning_rate = 0.1
   config.num_epochs = 400.0
   config.decay_kernels_only = False  # The official code decays every parameter.
-  return default.apply_variant(config, variant)
+  return default_config.apply_variant(config, variant)

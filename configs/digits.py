@@ -7,11 +7,11 @@ scikit-learn. ResNet-20 1w1a (binary convs with IR-Net quantizers, real stem
 and classifier), CMIM on, Adam. ``:smoke`` shrinks it further.
 """
 
-from configs import default
+from cmim_jax import default_config
 
 
 def get_config(variant: str = ""):
-  config = default.get_config()
+  config = default_config.get_config()
   config.data.name = "digits"
   config.data.source = "digits"
   config.data.train_split = "train"
@@ -33,4 +33,4 @@ def get_config(variant: str = ""):
     config.num_train_steps = -1
     config.log_every_steps = 10
     return config
-  return default.apply_variant(config, variant)
+  return default_config.apply_variant(config, variant)

@@ -24,11 +24,11 @@ otherwise. ``cmim.weight=0`` gives the plain Bi-Real baseline.
 20 steps of 32, 256 evaluation images); it still needs the tfds data.
 """
 
-from configs import default
+from cmim_jax import default_config
 
 
 def get_config(variant: str = ""):
-  config = default.get_config()
+  config = default_config.get_config()
   config.data.name = "imagenet2012"
   config.data.source = "tfds"
   config.data.augment = "auto"  # 'host': random-resized crop + flip in the iterator.
@@ -57,4 +57,4 @@ def get_config(variant: str = ""):
   config.log_every_steps = 100
   config.eval_every_steps = 5000
   config.checkpoint_every_steps = 2500
-  return default.apply_variant(config, variant)
+  return default_config.apply_variant(config, variant)

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The README's CPU-budget CIFAR-10 study: ResNet-20 full precision, 1w1a
 # without CMIM (weight 0) and 1w1a with CMIM, the same steps for all three,
-# on ../shared/data (train[:45000] / train[45000:]), then the table and plot.
+# on train[:45000] / train[45000:], then the table and plot.
 #
 #   bash scripts/cifar10_cpu_study.sh [SEEDS...]      (default: seed 0)
+#   DATA_DIR=~/data/cifar10.tar.gz bash scripts/cifar10_cpu_study.sh
+#
+# DATA_DIR becomes --config.data.data_dir; unset, the image folder archive of
+# the development machine (../shared/data/cifar10-train.tar.gz) is used when it
+# exists, else the config's own data_dir (tfds' default directory).
 #
 # Runs are resumable: re-running skips finished runs and resumes cut ones.
 set -euo pipefail
@@ -14,6 +19,12 @@ STEPS=${STEPS:-}  # empty: the config's num_train_steps
 seeds=("${@:-0}")
 extra=()
 [ -n "$STEPS" ] && extra+=("--config.num_train_steps=$STEPS")
+SHARED_DATA=../shared/data/cifar10-train.tar.gz
+if [ -z "${DATA_DIR:-}" ] && [ -f "$SHARED_DATA" ]; then
+  DATA_DIR=$SHARED_DATA
+  extra+=("--config.data.source=folder")
+fi
+[ -n "${DATA_DIR:-}" ] && extra+=("--config.data.data_dir=$DATA_DIR")
 for seed in "${seeds[@]}"; do
   for run in fp base cmim; do
     case $run in

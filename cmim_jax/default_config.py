@@ -1,0 +1,152 @@
+r"""The default training configuration: every key the trainer reads.
+
+This module is the single source of truth for the configuration; every file
+under ``configs/`` starts from :func:`get_config` and overrides what it needs.
+A config file outside the repository does the same::
+
+  # my_config.py
+  from cmim_jax import default_config
+
+  def get_config():
+    config = default_config.get_config()
+    config.model.name = "resnet20"
+    return config
+
+  python -m cmim_jax.main --config my_config.py --workdir runs/mine
+
+Run the default itself (CIFAR-10, ResNet-18 1w1a with CMIM) with
+
+  python -m cmim_jax.main --config configs/default.py --workdir runs/default
+
+and shrink it to a one-minute CPU run with ``configs/default.py:smoke``.
+
+Importing this module imports neither JAX nor tensorflow_datasets, so a
+config can be read, printed and checked on a machine without an accelerator.
+"""
+
+import ml_collections
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """The ``data`` section: where the data lies, splits and augmentation."""
+  c = ml_collections.ConfigDict()
+  # 'cifar10', 'cifar100', 'imagenet2012', 'digits', or a custom name for a
+  # folder/tfds dataset (then mean/std default to 0.5).
+  c.name = "cifar10"
+  # 'auto' | 'tfds' | 'cifar_archive' | 'folder' | 'digits'. 'auto' takes the
+  # first source that finds data (cifar: tfds, cifar_archive, folder).
+  c.source = "auto"
+  # The tfds data dir (local or gs://; '' = tfds default), the folder holding
+  # the CIFAR archive (or the .tar.gz itself), or the image folder (or its
+  # .tar.gz). Ignored by 'digits'.
+  c.data_dir = ""
+  # tfds-style split strings, the same meaning for every source:
+  # 'train', 'train[:45000]', 'train[90%:]', 'train[:10]+test', ...
+  c.train_split = "train"
+  # '' for no evaluation split. ImageNet's is 'validation'.
+  c.eval_split = "test"
+  # 'auto' (the dataset's default: 'device' for CIFAR and folders, 'host' for
+  # ImageNet, 'none' for digits), 'device' (uint8 batches, pad-crop-flip inside
+  # the jitted step), 'host' (numpy/PIL augmentation in the iterator) or 'none'.
+  c.augment = "auto"
+  # Where decoded folder images are cached as .npy files ('' = memory only).
+  # Keep it outside the repository, e.g. '~/.cache/cmim_jax'.
+  c.cache_dir = ""
+  # Output side for datasets of varying image size (ImageNet; 0 = 224).
+  # Fixed-size datasets keep their size and only accept 0 or that size.
+  c.image_size = 0
+  # ImageNet evaluation: central crop fraction of the shorter side (224/256).
+  c.eval_crop_fraction = 0.875
+  # Per-channel normalisation on the 0..1 scale; () = the dataset's own,
+  # 0.5 for custom datasets.
+  c.mean = ()
+  c.std = ()
+  # Batches prepared ahead by a background thread (0 = no thread). No shuffle
+  # buffer: each epoch is a full permutation of the split.
+  c.prefetch = 2
+  # Threads for per-image host work (tfds reads, ImageNet crops); 0 = up to
+  # 16, by CPU count.
+  c.num_threads = 0
+  return c
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  """The default configuration, optionally shrunk by ``variant``.
+
+  Args:
+    variant: '' (as is) or 'smoke' (a one-minute CPU run); see
+      :func:`apply_variant`.
+
+  Returns:
+    A ConfigDict holding every key the trainer and the data pipeline read.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds initialisation, shuffling and augmentation.
+
+  config.data = data_config()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "resnet18"  # cmim_jax.models.get_model name ('*_fp' = real twin).
+  config.model.input_quantizer = ""  # '' = the model's default (IR-Net 'ede_sign').
+  config.model.kernel_quantizer = ""  # '' = the model's default ('irnet_weight').
+  config.model.dtype = "float32"  # Computation dtype (bfloat16 on TPU).
+  config.model.stage_sizes = ()  # ResNets: blocks per stage; () = the model's own.
+
+  # IR-Net error-decay estimator: t = t_min * 10^(e/E log10(t_max/t_min)),
+  # k = max(1/t, 1), with e the epoch and E the number of epochs; the step
+  # computes it from its step counter (train.ede_schedule).
+  config.ede = ml_collections.ConfigDict()
+  config.ede.t_min = 1e-2  # CMIM's code; IR-Net uses 0.1.
+  config.ede.t_max = 10.0
+
+  # CMIM (Shang et al. 2022): symmetric InfoNCE between the projected binary and
+  # latent real activations of the tapped layers, negatives from the global batch.
+  config.cmim = ml_collections.ConfigDict()
+  config.cmim.weight = 3.2  # lambda; 0 switches CMIM off exactly (the base BNN).
+  config.cmim.temperature = 0.1  # tau.
+  config.cmim.layers = "last:3"  # 'last:N' = last binary layer of each of the last N
+  #                                stages, or comma-separated path patterns.
+  config.cmim.embed_dim = 128  # Output size of each projection head.
+
+  config.batch_size = 128  # Global batch, split over all devices of all hosts.
+  config.eval_batch_size = 0  # 0 = batch_size.
+  config.num_epochs = 400.0
+  config.num_train_steps = -1  # > 0 overrides num_epochs.
+
+  config.optimizer = "sgd"  # sgd | adam | adamw.
+  config.learning_rate = 0.1  # Peak learning rate (after warm-up).
+  config.momentum = 0.9  # SGD momentum.
+  config.weight_decay = 1e-4  # L2 (sgd, adam) or decoupled decay (adamw).
+  config.decay_kernels_only = True  # Decay conv/dense kernels only, not BN or shifts.
+  config.lr_schedule = "cosine"  # cosine | linear | constant, after warm-up.
+  config.warmup_epochs = 0.0  # Linear warm-up from 0.
+
+  config.log_every_steps = 100  # Train metrics to metrics.jsonl, TensorBoard and the log.
+  config.eval_every_steps = 1000  # Also evaluated at the end.
+  config.checkpoint_every_steps = 1000  # Also saved at the end.
+  config.keep_checkpoints = 3  # Keep the last K checkpoints.
+  config.parallel = "shard_map"  # shard_map (jit over a mesh) | pmap.
+  return apply_variant(config, variant)
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """Shared config arguments: '' (as is) or 'smoke' (a one-minute CPU run).
+
+  Raises:
+    ValueError: for any other ``variant``, listing the known ones.
+  """
+  if variant in ("", None):
+    return config
+  if variant == "smoke":
+    config.batch_size = 32
+    config.num_train_steps = 20
+    config.log_every_steps = 5
+    config.eval_every_steps = 20
+    config.checkpoint_every_steps = 10
+    config.data.eval_split = config.data.train_split.split("[")[0] + "[:256]"
+    if config.model.name.startswith("resnet18"):
+      config.model.name = config.model.name.replace("resnet18", "resnet20")
+    if config.data.image_size:  # Varying-size data (ImageNet): small crops.
+      config.data.image_size = min(config.data.image_size, 64)
+    return config
+  raise ValueError(f"unknown config argument {variant!r}; known: '', 'smoke'.")
