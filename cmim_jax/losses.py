@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-Array = jax.Array
+# Re-exported: the collection the binary layers sow their taps into.
+from cmim_jax.layers import BINARY_ACTS  # pylint: disable=unused-import
 
-BINARY_ACTS = "binary_acts"
+Array = jax.Array
 
 
 def cross_entropy(logits: Array, labels: Array, *, mask: Array | None = None) -> Array:

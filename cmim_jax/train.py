@@ -1,10 +1,19 @@
 """Training and evaluation: the per-device step, written once, and the loop.
 
-The step functions take the named axis ``'data'`` and use its collectives:
-gradients, metrics and BatchNorm statistics are ``pmean``-ed, BatchNorm
-normalises with global-batch statistics (``bn_axis_name``) and the CMIM
-InfoNCE gathers its negatives from every device. :mod:`cmim_jax.parallel` runs
-them under ``jax.shard_map`` + ``jit`` (default) or ``jax.pmap``.
+The steps are ``train_step(state, batch, *, task) -> (state, metrics)`` and
+``eval_step(state, batch, *, task) -> sums``: everything that changes from step
+to step (the IR-Net EDE ``(k, t)``, the learning rate, the augmentation key)
+is derived from ``state.step`` inside them, and everything static lives in the
+:class:`Task`. They take the named axis ``'data'`` (:data:`parallel.AXIS`) and
+use its collectives: gradients, metrics and BatchNorm statistics are
+``pmean``-ed, BatchNorm normalises with global-batch statistics
+(``bn_axis_name``) and the CMIM InfoNCE gathers its negatives from every
+device. :func:`make_steps` wraps both for a :class:`~cmim_jax.parallel.Parallel`
+(``jax.shard_map`` + ``jit`` by default, or ``jax.pmap``)::
+
+  task = build_task(config, info, total_steps=..., steps_per_epoch=...)
+  steps = make_steps(task, par)
+  state, metrics = steps.train(state, par.batch_input(batch))
 
 Everything that touches files (checkpoints, metrics) lives in the loop
 (:func:`train_and_evaluate`, :func:`evaluate_checkpoint`); the steps are pure.
@@ -14,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -29,12 +40,16 @@ from absl import logging
 
 from cmim_jax import binarize
 from cmim_jax import checkpointing
+from cmim_jax import default_config
 from cmim_jax import input_pipeline
 from cmim_jax import losses
 from cmim_jax import metric_writers
 from cmim_jax import models
 from cmim_jax import optim
+from cmim_jax import variables as variables_lib
 from cmim_jax.parallel import AXIS, Parallel, first_copy_to_host
+
+CONFIG_FILE = "config.json"  # In the workdir: the config of the latest run.
 
 
 @flax.struct.dataclass
@@ -53,7 +68,23 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """The static parts of a step: modules, optimizer and hyper-parameters."""
+  """The static parts of a step: modules, optimizer and hyper-parameters.
+
+  Attributes:
+    model: the BNN (built with ``bn_axis_name=axis_name``).
+    heads: the CMIM projection heads, or None when CMIM is off.
+    tx: the optimizer.
+    learning_rate: its schedule, step -> learning rate (logged).
+    info: the dataset's ``DatasetInfo``.
+    augment: resolved augmentation mode ('device', 'host' or 'none').
+    cmim_weight: lambda of the CMIM loss.
+    temperature: tau of the CMIM InfoNCE.
+    steps_per_epoch: optimizer steps per epoch (the EDE moves once an epoch).
+    total_steps: length of the run in steps.
+    ede_t_min: EDE ``t`` at the start.
+    ede_t_max: EDE ``t`` at the end.
+    axis_name: the device axis the steps reduce over.
+  """
   model: nn.Module
   heads: losses.CMIMHeads | None
   tx: optax.GradientTransformation
@@ -62,6 +93,10 @@ class Task:
   augment: str
   cmim_weight: float
   temperature: float
+  steps_per_epoch: int
+  total_steps: int
+  ede_t_min: float
+  ede_t_max: float
   axis_name: str = AXIS
 
   @property
@@ -73,23 +108,29 @@ class Task:
 # Construction
 # --------------------------------------------------------------------------
 
-REQUIRED_KEYS = (
-    "seed", "data.name", "data.source", "data.data_dir", "data.train_split",
-    "data.eval_split", "model.name", "cmim.weight", "cmim.temperature",
-    "cmim.layers", "cmim.embed_dim", "batch_size", "num_epochs",
-    "num_train_steps", "optimizer", "learning_rate", "weight_decay",
-    "warmup_epochs", "log_every_steps", "eval_every_steps",
-    "checkpoint_every_steps", "parallel")
+def _missing_keys(config: Mapping, reference: Mapping, prefix: str = "") -> list[str]:
+  missing = []
+  for key, value in reference.items():
+    if key not in config:
+      missing.append(prefix + key)
+    elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+        config[key], (ml_collections.ConfigDict, dict)):
+      missing += _missing_keys(config[key], value, f"{prefix}{key}.")
+  return missing
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ``ValueError`` naming the first missing key or bad value."""
-  for key in REQUIRED_KEYS:
-    node = config
-    for part in key.split("."):
-      if part not in node:
-        raise ValueError(f"config has no key {key!r}; start from configs/default.py.")
-      node = node[part]
+  """Raises ``ValueError`` naming the first missing key or bad value.
+
+  The keys a config must have are those of
+  :func:`cmim_jax.default_config.get_config`, the one place they are defined.
+  """
+  missing = _missing_keys(config, default_config.get_config())
+  if missing:
+    raise ValueError(
+        f"config has no key {missing[0]!r}" + (f" (nor {missing[1:]})" if missing[1:] else "")
+        + "; build the config on cmim_jax.default_config.get_config() and override "
+        "what differs.")
   def check(ok, key, value, want):
     if not ok:
       raise ValueError(f"config.{key}={value!r} is invalid: {want}.")
@@ -111,11 +152,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def _model_kwargs(config) -> dict:
   kwargs = {}
   for key in ("input_quantizer", "kernel_quantizer"):
-    if config.model.get(key):
+    if config.model[key]:
       kwargs[key] = config.model[key]
-  if config.model.get("stage_sizes"):
+  if config.model.stage_sizes:
     kwargs["stage_sizes"] = tuple(config.model.stage_sizes)
-  if config.model.get("dtype") and config.model.dtype != "float32":
+  if config.model.dtype != "float32":
     kwargs["dtype"] = jnp.dtype(config.model.dtype)
   return kwargs
 
@@ -130,8 +171,7 @@ def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
     x = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
     probe = model.clone(bn_axis_name=None)
     def sown(x):
-      variables = probe.init(jax.random.PRNGKey(0), x, train=False)
-      variables = {k: v for k, v in variables.items() if k != losses.BINARY_ACTS}
+      variables = variables_lib.init_variables(probe, jax.random.PRNGKey(0), x)
       return probe.apply(variables, x, train=False, mutable=[losses.BINARY_ACTS])[1]
     acts = jax.eval_shape(sown, x).get(losses.BINARY_ACTS, {})
     paths = losses.binary_layer_paths(acts)
@@ -143,15 +183,16 @@ def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
   lr = optim.learning_rate_schedule(
       base_lr=config.learning_rate, total_steps=total_steps,
       warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
-      schedule=config.get("lr_schedule", "cosine"))
+      schedule=config.lr_schedule)
   tx = optim.create_optimizer(
-      name=config.optimizer, learning_rate=lr, momentum=config.get("momentum", 0.9),
-      weight_decay=config.weight_decay,
-      decay_kernels_only=config.get("decay_kernels_only", True))
+      name=config.optimizer, learning_rate=lr, momentum=config.momentum,
+      weight_decay=config.weight_decay, decay_kernels_only=config.decay_kernels_only)
   return Task(model=model, heads=heads, tx=tx, learning_rate=lr, info=info,
               augment=info.augment,
               cmim_weight=float(config.cmim.weight),
-              temperature=float(config.cmim.temperature))
+              temperature=float(config.cmim.temperature),
+              steps_per_epoch=int(steps_per_epoch), total_steps=int(total_steps),
+              ede_t_min=float(config.ede.t_min), ede_t_max=float(config.ede.t_max))
 
 
 def init_state(task: Task, rng: jax.Array) -> TrainState:
@@ -159,8 +200,7 @@ def init_state(task: Task, rng: jax.Array) -> TrainState:
   model_rng, heads_rng, state_rng = jax.random.split(rng, 3)
   model = task.model.clone(bn_axis_name=None)
   x = jnp.zeros((1,) + tuple(task.info.image_shape), jnp.float32)
-  variables = model.init(model_rng, x, train=False)
-  variables = {k: v for k, v in variables.items() if k != losses.BINARY_ACTS}
+  variables = variables_lib.init_variables(model, model_rng, x)
   params = {"model": variables["params"], "heads": {}}
   if task.heads is not None:
     _, acts = model.apply(variables, x, train=False, mutable=[losses.BINARY_ACTS])
@@ -187,11 +227,43 @@ def preprocess(task: Task, rng: jax.Array | None, images: jax.Array, *,
       augment=task.augment if train else "none", index_offset=offset)
 
 
-def train_step(state: TrainState, schedule: Mapping[str, jax.Array],
-               batch: Mapping[str, jax.Array], *, task: Task
+def ede_schedule(task: Task, step: Any) -> dict[str, jax.Array]:
+  """The IR-Net EDE ``{'k', 't'}`` in force at optimizer step ``step``.
+
+  IR-Net moves ``k`` and ``t`` once an epoch: progress is ``epoch / E`` with
+  ``E`` the run's epochs (rounded up), so the last epoch ends at ``t_max``.
+  Jittable in ``step`` (an int or an int array): the step calls it with
+  ``state.step`` and is traced once for the whole run.
+
+  Args:
+    task: gives ``steps_per_epoch``, ``total_steps``, ``ede_t_min``, ``ede_t_max``.
+    step: the optimizer step (0-based).
+
+  Returns:
+    ``{'k': f32[], 't': f32[]}`` (the ``schedule=`` argument of the models).
+  """
+  num_epochs = max(1, math.ceil(task.total_steps / task.steps_per_epoch))
+  epoch = jnp.asarray(step) // task.steps_per_epoch
+  progress = jnp.minimum(epoch.astype(jnp.float32) / num_epochs, 1.0)
+  k, t = binarize.ede_schedule(progress, t_min=task.ede_t_min, t_max=task.ede_t_max)
+  return {"k": k, "t": t}
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on this device's share of the global batch."""
+  """One optimizer step on this device's share of the global batch.
+
+  Args:
+    state: the (replicated) train state.
+    batch: this device's ``{'image': uint8[b, H, W, C], 'label': i32[b]}``.
+    task: the static parts (keyword, bound by :func:`make_steps`).
+
+  Returns:
+    The new state and the step's metrics (means over the global batch): loss,
+    ce_loss, accuracy, the CMIM losses when on, learning_rate, ede_k, ede_t.
+  """
   axis = task.axis_name
+  schedule = ede_schedule(task, state.step)
   labels = batch["label"]
   offset = jax.lax.axis_index(axis) * labels.shape[0]
   rng = jax.random.fold_in(state.rng, state.step)
@@ -222,6 +294,7 @@ def train_step(state: TrainState, schedule: Mapping[str, jax.Array],
   params = optax.apply_updates(state.params, updates)
   metrics = jax.lax.pmean({"loss": loss, **aux}, axis)
   metrics["learning_rate"] = task.learning_rate(state.step)
+  metrics["ede_k"], metrics["ede_t"] = schedule["k"], schedule["t"]
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=jax.lax.pmean(batch_stats, axis))
   return new_state, metrics
@@ -229,35 +302,106 @@ def train_step(state: TrainState, schedule: Mapping[str, jax.Array],
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task
               ) -> dict[str, jax.Array]:
-  """Sums of loss and correct predictions over the real (unmasked) examples."""
+  """Sums of loss and correct predictions over the real (unmasked) examples.
+
+  Args:
+    state: the (replicated) train state.
+    batch: this device's ``{'image', 'label', 'mask'}``; ``mask`` is 0 for the
+      padding that fills the last batch.
+    task: the static parts (keyword, bound by :func:`make_steps`).
+
+  Returns:
+    ``{'loss_sum', 'correct', 'count'}`` summed over the global batch; the
+    caller adds them up over batches and divides once, so that the padded
+    last batch weighs by its real examples.
+  """
   images = preprocess(task, None, batch["image"], offset=0, train=False)
   logits = task.model.apply(
       {"params": state.params["model"], "batch_stats": state.batch_stats},
       images, train=False)
   mask = batch["mask"].astype(jnp.float32)
-  per_example = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch["label"])
+  count = jnp.sum(mask)
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  sums = {"loss_sum": jnp.sum(per_example * mask), "correct": jnp.sum(correct * mask),
-          "count": jnp.sum(mask)}
+  sums = {"loss_sum": losses.cross_entropy(logits, batch["label"], mask=mask) * count,
+          "correct": jnp.sum(correct * mask), "count": count}
   return jax.lax.psum(sums, task.axis_name)
+
+
+class Steps(NamedTuple):
+  """The steps of a task, wrapped for a :class:`~cmim_jax.parallel.Parallel`.
+
+  Attributes:
+    train: ``(state, batch) -> (state, metrics)``; donates ``state`` when
+      built with ``donate_state=True``.
+    eval: ``(state, batch) -> sums`` (see :func:`eval_step`).
+  """
+  train: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+  eval: Callable[..., dict[str, jax.Array]]
+
+
+def make_steps(task: Task, par: Parallel, *, donate_state: bool = True) -> Steps:
+  """Wraps :func:`train_step` and :func:`eval_step` for ``par``, once.
+
+  Args:
+    task: the static parts of the steps.
+    par: the parallel wrapper; the state is replicated, the batch split.
+    donate_state: let the train step reuse the input state's buffers (the
+      caller must not read the state it passed in afterwards).
+
+  Returns:
+    The wrapped steps, taking the state in ``par``'s step layout
+    (``par.to_step_layout``) and a batch from ``par.batch_input``.
+  """
+  train_fn = par.map(functools.partial(train_step, task=task), n_replicated=1,
+                     n_batch=1, donate_state=donate_state)
+  eval_fn = par.map(functools.partial(eval_step, task=task), n_replicated=1, n_batch=1)
+  return Steps(train=train_fn, eval=eval_fn)
 
 
 # --------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------
 
-def ede_progress(step: int, steps_per_epoch: int, total_steps: int) -> float:
-  """IR-Net updates k and t once per epoch: progress = epoch / num_epochs."""
-  num_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
-  return min(1.0, (step // steps_per_epoch) / num_epochs)
+def _to_tuples(tree: Any) -> Any:
+  # JSON has no tuples; configs use them (stage_sizes, mean, std).
+  if isinstance(tree, dict):
+    return {k: _to_tuples(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_to_tuples(v) for v in tree)
+  return tree
 
 
-def schedule_at(config, step: int, steps_per_epoch: int, total_steps: int) -> dict:
-  k, t = binarize.ede_schedule(
-      np.float32(ede_progress(step, steps_per_epoch, total_steps)),
-      t_min=config.ede.t_min, t_max=config.ede.t_max)
-  return {"k": np.asarray(k, np.float32), "t": np.asarray(t, np.float32)}
+def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes ``config`` to ``workdir/config.json`` atomically; returns the path."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(config.to_json(indent=2, sort_keys=True))
+    f.write("\n")
+  os.replace(tmp, path)  # Readers see the old file or the new one, never half.
+  return path
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of the latest run in ``workdir`` (its ``config.json``).
+
+  Args:
+    workdir: a directory :func:`train_and_evaluate` trained in.
+
+  Returns:
+    The config, tuples restored, as the run saw it after command-line overrides.
+
+  Raises:
+    FileNotFoundError: ``workdir`` holds no config.json.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"no {CONFIG_FILE} in {workdir}; it is written when training starts "
+        "(python -m cmim_jax.main --mode train), so point at a training workdir.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(_to_tuples(json.load(f)))
 
 
 class _Setup:
@@ -267,7 +411,7 @@ class _Setup:
     validate_config(config)
     self.config = config
     self.par = Parallel(config.parallel)
-    eval_batch = config.get("eval_batch_size") or config.batch_size
+    eval_batch = config.eval_batch_size or config.batch_size
     self.par.check_batch_size(config.batch_size)
     self.par.check_batch_size(eval_batch, "eval_batch_size")
     self.train_ds, self.eval_ds, self.info = input_pipeline.get_datasets(
@@ -281,15 +425,14 @@ class _Setup:
     init = jax.jit(functools.partial(init_state, self.task),
                    out_shardings=self.par.replicated)
     self.initial_state = init(jax.random.PRNGKey(config.seed))
-    self.eval_fn = self.par.map(functools.partial(eval_step, task=self.task),
-                                n_replicated=1, n_batch=1)
+    self.steps = make_steps(self.task, self.par, donate_state=True)
 
   def evaluate(self, state_dev) -> dict[str, float]:
     if self.eval_ds is None:
       return {}
     totals = None
     for batch in self.eval_ds.iterator():
-      out = self.par.output(self.eval_fn(state_dev, self.par.batch_input(batch)))
+      out = self.par.output(self.steps.eval(state_dev, self.par.batch_input(batch)))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = first_copy_to_host(totals)
     count = float(totals["count"])
@@ -310,7 +453,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   setup = _Setup(config)
   par, task, total = setup.par, setup.task, setup.total_steps
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
+  if jax.process_index() == 0:
+    save_run_config(config, workdir)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
   writer = metric_writers.MetricWriter(workdir)
   state = setup.initial_state
   if ckpt.latest_step() is not None:
@@ -322,8 +467,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                config.batch_size, jax.device_count(), par.mode,
                f"on {list(task.layers)}" if task.heads else "off")
 
-  step_fn = par.map(functools.partial(train_step, task=task), n_replicated=2, n_batch=1,
-                    donate_state=True)
   state_dev = par.to_step_layout(state)
   batches = setup.train_ds.iterator(start_step=start)
   pending: list[tuple[int, dict]] = []
@@ -345,13 +488,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "rate or check the input data.")
     return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
 
-  schedule_epoch, schedule = None, None
   for step in range(start, total):
     batch = next(batches)
-    if step // setup.steps_per_epoch != schedule_epoch:  # k and t change once an epoch.
-      schedule_epoch = step // setup.steps_per_epoch
-      schedule = par.replicated_input(schedule_at(config, step, setup.steps_per_epoch, total))
-    state_dev, metrics = step_fn(state_dev, schedule, par.batch_input(batch))
+    state_dev, metrics = setup.steps.train(state_dev, par.batch_input(batch))
     done = step + 1
     pending.append((done, par.output(metrics)))
     n_interval += 1
@@ -394,7 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Restores the latest checkpoint in ``workdir``, evaluates ``data.eval_split``."""
   validate_config(config)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
   if ckpt.latest_step() is None:
     ckpt.restore(None)  # Raises the error that explains what is missing.
   setup = _Setup(config)

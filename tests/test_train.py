@@ -1,7 +1,9 @@
 """The trainer: equal numbers across device counts and parallel modes, weight 0
-equals the base method, schedules do not retrace, NaN stops the run, resume."""
+equals the base method, the EDE schedule follows the step counter without
+retracing, NaN stops the run, resume, the run's config.json."""
 
 import functools
+import json
 import shutil
 
 import chex
@@ -18,6 +20,7 @@ from cmim_jax.parallel import Parallel
 from configs import digits
 
 BATCH = 16
+TOTAL = 10  # Steps of the runs built here (sets the EDE schedule's length).
 
 
 def small_config(**overrides):
@@ -50,20 +53,25 @@ def _data(config_key):
   return train_ds, info
 
 
-def run_steps(par: Parallel, n_steps=2, **overrides):
-  """Runs ``n_steps`` of the real train_step under ``par``; returns host state, metrics."""
+def build(par: Parallel, steps_per_epoch=None, **overrides):
+  """Config, data, task and initial state (in ``par``'s step layout)."""
   config = small_config(**overrides)
   train_ds, info = _data(tuple(sorted((k, v) for k, v in overrides.items() if k.startswith("data."))))
-  task = train.build_task(config, info, total_steps=10, steps_per_epoch=train_ds.steps_per_epoch)
+  task = train.build_task(config, info, total_steps=TOTAL,
+                          steps_per_epoch=steps_per_epoch or train_ds.steps_per_epoch)
   state = jax.jit(functools.partial(train.init_state, task), out_shardings=par.replicated)(
       jax.random.PRNGKey(config.seed))
-  step = par.map(functools.partial(train.train_step, task=task), n_replicated=2, n_batch=1)
-  state = par.to_step_layout(state)
+  return config, train_ds, task, par.to_step_layout(state)
+
+
+def run_steps(par: Parallel, n_steps=2, **overrides):
+  """Runs ``n_steps`` of the real train_step under ``par``; returns host state, metrics."""
+  config, train_ds, task, state = build(par, **overrides)
+  steps = train.make_steps(task, par)
   it = train_ds.iterator(start_step=0)
   metrics = []
-  for i in range(n_steps):
-    sched = par.replicated_input(train.schedule_at(config, i, train_ds.steps_per_epoch, 10))
-    state, m = step(state, sched, par.batch_input(next(it)))
+  for _ in range(n_steps):
+    state, m = steps.train(state, par.batch_input(next(it)))
     metrics.append(jax.device_get(par.output(m)))
   return jax.device_get(par.from_step_layout(state)), metrics, task, config
 
@@ -111,7 +119,9 @@ def test_weight_zero_equals_hand_written_base_step():
   images = jnp.concatenate([input_pipeline.preprocess_on_device(
       rng, batch["image"][i:i + 1], info=info, train=True, augment="device",
       index_offset=i) for i in range(BATCH)])
-  sched = train.schedule_at(config, 0, train_ds.steps_per_epoch, 10)
+  # Step 0 is epoch 0: IR-Net's t = t_min and k = max(1/t, 1).
+  sched = {"t": np.float32(config.ede.t_min),
+           "k": np.float32(max(1.0 / config.ede.t_min, 1.0))}
 
   @jax.jit
   @functools.partial(jax.value_and_grad, has_aux=True)
@@ -132,22 +142,90 @@ def test_weight_zero_equals_hand_written_base_step():
   chex.assert_trees_all_close(state.batch_stats, new["batch_stats"], atol=1e-6)
 
 
-def test_schedule_values_do_not_retrace():
-  config = small_config()
-  train_ds, info = _data(())
-  task = train.build_task(config, info, total_steps=10, steps_per_epoch=train_ds.steps_per_epoch)
-  par = Parallel("shard_map", num_devices=2)
-  state = jax.jit(functools.partial(train.init_state, task), out_shardings=par.replicated)(
-      jax.random.PRNGKey(0))
+def ede_reference(step, steps_per_epoch, total_steps, t_min, t_max):
+  """IR-Net's schedule written out: t moves once an epoch, log-linearly."""
+  num_epochs = -(-total_steps // steps_per_epoch)
+  progress = min((step // steps_per_epoch) / num_epochs, 1.0)
+  t = t_min * 10 ** (progress * np.log10(t_max / t_min))
+  return max(1.0 / t, 1.0), t
+
+
+def test_ede_schedule_follows_the_step_counter_without_retracing(monkeypatch):
+  """The step takes (k, t) from state.step: epoch-wise values, one trace."""
   traces = []
-  def counted(*args):
+  real_step = train.train_step
+  def counted(*args, **kwargs):
     traces.append(1)
-    return train.train_step(*args, task=task)
-  step = par.map(counted, n_replicated=2, n_batch=1)
-  batch = par.batch_input(next(train_ds.iterator(0)))
-  for k, t in ((1.0, 1.0), (10.0, 0.1), (1.0, 10.0)):
-    state, _ = step(state, par.replicated_input({"k": np.float32(k), "t": np.float32(t)}), batch)
+    return real_step(*args, **kwargs)
+  monkeypatch.setattr(train, "train_step", counted)
+  par = Parallel("shard_map", num_devices=2)
+  # Two steps an epoch over TOTAL=10 steps: five epochs, t moves at steps 2, 4, ...
+  _, train_ds, task, state = build(par, steps_per_epoch=2, **{"cmim.weight": 0.0})
+  steps = train.make_steps(task, par)
+  batch = next(train_ds.iterator(0))
+  ts = []
+  for step in range(5):
+    state, m = steps.train(state, par.batch_input(batch))
+    m = jax.device_get(m)
+    k, t = ede_reference(step, 2, TOTAL, task.ede_t_min, task.ede_t_max)
+    np.testing.assert_allclose([m["ede_k"], m["ede_t"]], [k, t], rtol=1e-5)
+    ts.append(float(m["ede_t"]))
   assert len(traces) == 1
+  assert ts[0] == ts[1] < ts[2] == ts[3] < ts[4]  # Guards the check above: t moved.
+
+
+def test_ede_schedule_ends_at_t_max():
+  task = train.Task(model=None, heads=None, tx=None, learning_rate=None, info=None,
+                    augment="none", cmim_weight=0.0, temperature=1.0, steps_per_epoch=7,
+                    total_steps=30, ede_t_min=1e-3, ede_t_max=1e-1)
+  for step in (0, 6, 7, 20, 27, 29):
+    got = jax.jit(train.ede_schedule, static_argnums=0)(task, step)
+    want = ede_reference(step, 7, 30, 1e-3, 1e-1)
+    np.testing.assert_allclose([got["k"], got["t"]], want, rtol=1e-5)
+  # Past the run (a resumed run with more steps) it holds at t_max.
+  np.testing.assert_allclose(train.ede_schedule(task, 1000)["t"], 1e-1, rtol=1e-6)
+
+
+def test_eval_step_sums_only_unmasked_examples():
+  """Loss and accuracy sums against a numpy reference, padding masked out."""
+  par = Parallel("shard_map", num_devices=2)
+  config, train_ds, task, state = build(par, **{"cmim.weight": 0.0})
+  steps = train.make_steps(task, par)
+  batch = dict(next(train_ds.iterator(0)))
+  mask = np.arange(BATCH) < BATCH - 5
+  batch["mask"] = mask
+  sums = jax.device_get(steps.eval(state, par.batch_input(batch)))
+  images = input_pipeline.preprocess_on_device(
+      None, batch["image"], info=task.info, train=False, augment="none")
+  logits = np.asarray(task.model.clone(bn_axis_name=None).apply(
+      {"params": state.params["model"], "batch_stats": state.batch_stats},
+      images, train=False), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  nll = -logp[np.arange(BATCH), batch["label"]]
+  correct = logits.argmax(-1) == batch["label"]
+  np.testing.assert_allclose(sums["loss_sum"], nll[mask].sum(), rtol=1e-5)
+  assert sums["correct"] == correct[mask].sum() and sums["count"] == mask.sum()
+
+
+def test_run_config_round_trips(tmp_path):
+  config = small_config()
+  config.data.mean = (0.5,)
+  path = train.save_run_config(config, str(tmp_path))
+  with open(path) as f:
+    assert json.load(f)["model"]["stage_sizes"] == [1, 1, 1]
+  loaded = train.load_run_config(str(tmp_path))
+  assert loaded.to_dict() == config.to_dict()
+  assert loaded.model.stage_sizes == (1, 1, 1) and loaded.data.mean == (0.5,)
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    train.load_run_config(str(tmp_path / "elsewhere"))
+
+
+def test_config_missing_a_key_fails_naming_it():
+  config = small_config()
+  del config.cmim["embed_dim"]
+  with pytest.raises(ValueError, match=r"no key 'cmim.embed_dim'.*default_config"):
+    train.validate_config(config)
 
 
 def test_nan_loss_stops_with_the_step(tmp_path):
@@ -162,6 +240,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
                         keep_checkpoints=5)
   full, resumed = tmp_path / "full", tmp_path / "resumed"
   train.train_and_evaluate(config, str(full))
+  assert train.load_run_config(str(full)).to_dict() == config.to_dict()
   shutil.copytree(full, resumed)
   # Forget everything after step 3, as if the run had been killed there.
   shutil.rmtree(resumed / "checkpoints" / "6")
