@@ -31,6 +31,28 @@ def records(workdir, split):
     return [r for r in map(json.loads, f) if r["split"] == split]
 
 
+def test_parsing_configs_imports_neither_jax_nor_tfds():
+  """Reading a config is cheap: default_config and configs/* stay off JAX and tfds."""
+  code = (
+      "import glob, importlib, os, sys\n"
+      "from cmim_jax import default_config\n"
+      "default_config.get_config('smoke')\n"
+      "loaded = 0\n"
+      "for path in sorted(glob.glob('configs/*.py')):\n"
+      "  name = os.path.basename(path)[:-3]\n"
+      "  if name != '__init__':\n"
+      "    importlib.import_module('configs.' + name).get_config()\n"
+      "    loaded += 1\n"
+      "heavy = sorted(m for m in ('jax', 'jaxlib', 'tensorflow', 'tensorflow_datasets', 'flax')\n"
+      "               if m in sys.modules)\n"
+      "print(loaded, heavy)\n")
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                     env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  loaded, heavy = r.stdout.split(maxsplit=1)
+  assert int(loaded) >= 5 and heavy.strip() == "[]", r.stdout
+
+
 def test_unknown_config_key_fails_naming_it(tmp_path):
   r = run_main(*SMOKE, "--config.cmim.wieght=1", "--workdir", str(tmp_path))
   assert r.returncode != 0
