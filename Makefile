@@ -8,10 +8,12 @@ WORKDIR ?= runs/digits_demo
 .PHONY: venv demo test clean
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# constraints.txt pins every package to the version the README's numbers were
+# measured with, so a fresh machine reproduces them.
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,plot]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,plot]'
 	touch $@
 
 demo: venv

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from launch import local as local_launch
+from launch import tpu_pod
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from launch import local as local_launch  # pylint: disable=g-import-not-at-top
-from launch import tpu_pod  # pylint: disable=g-import-not-at-top
 
 SMOKE = ["--config", "configs/digits.py:smoke", "--config.num_train_steps=4",
          "--config.batch_size=16", "--config.log_every_steps=1",
