@@ -82,10 +82,13 @@ class Parallel:
           donate_state: bool = False) -> Callable:
     """Wraps ``fn(*replicated_args, *batch_args)`` (outputs replicated).
 
+    The training and evaluation steps are wrapped by ``train.make_steps``;
+    this is the general form, for other per-device functions.
+
     Args:
       fn: per-device function; its first ``n_replicated`` arguments are the same
-        on every device (state, schedule), the next ``n_batch`` are split over
-        the batch axis.
+        on every device (the state), the next ``n_batch`` are split over the
+        batch axis.
       n_replicated: how many leading arguments are replicated.
       n_batch: how many following arguments are batch-sharded.
       donate_state: donate the first argument's buffers.
@@ -126,13 +129,6 @@ class Parallel:
     if self.mode == "shard_map":
       return tree
     return self.replicate_global(jax.tree.map(lambda x: np.asarray(x[0]), tree))
-
-  def replicated_input(self, tree: Any) -> Any:
-    """Small host values (schedules) for the replicated argument slots."""
-    if self.mode == "pmap":
-      n = len(self.local_devices)
-      return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
-    return self.replicate_global(tree)
 
   def batch_input(self, batch: dict[str, np.ndarray]) -> Any:
     """A process-local batch -> the step's batch argument."""
