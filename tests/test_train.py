@@ -14,8 +14,11 @@ import optax
 import pytest
 
 from cmim_jax import input_pipeline
+from cmim_jax import layers
 from cmim_jax import metric_writers
+from cmim_jax import models
 from cmim_jax import train
+from cmim_jax import variables
 from cmim_jax.parallel import Parallel
 from configs import digits
 
@@ -206,6 +209,16 @@ def test_eval_step_sums_only_unmasked_examples():
   correct = logits.argmax(-1) == batch["label"]
   np.testing.assert_allclose(sums["loss_sum"], nll[mask].sum(), rtol=1e-5)
   assert sums["correct"] == correct[mask].sum() and sums["count"] == mask.sum()
+
+
+def test_init_variables_drops_only_the_sown_taps():
+  model = models.get_model("resnet20", num_classes=10, stage_sizes=(1, 1, 1))
+  x, key = jnp.zeros((1, 8, 8, 1)), jax.random.PRNGKey(3)
+  full = jax.jit(lambda k: model.init(k, x, train=False))(key)
+  kept = jax.jit(lambda k: variables.init_variables(model, k, x))(key)
+  assert layers.BINARY_ACTS in full
+  assert set(kept) == set(full) - {layers.BINARY_ACTS} == {"params", "batch_stats"}
+  chex.assert_trees_all_equal(kept["params"], full["params"])
 
 
 def test_run_config_round_trips(tmp_path):
