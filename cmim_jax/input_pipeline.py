@@ -32,6 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cmim_jax import default_config
 from cmim_jax.data import augment as _augment
 from cmim_jax.data import catalogue as _catalogue
 from cmim_jax.data import iterators as _iterators
@@ -62,50 +63,12 @@ DATA_KEYS = ('name', 'source', 'data_dir', 'train_split', 'eval_split',
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The default ``data`` section of a training config: ``DATA_KEYS``, locked.
+  """The default ``data`` section (``DATA_KEYS``), locked.
 
-  The default config (configs/default.py) takes its data section from here;
+  Defined once, in :func:`cmim_jax.default_config.data_config`;
   ``get_datasets`` itself has no defaults.
   """
-  c = ml_collections.ConfigDict()
-  # Dataset: 'cifar10', 'cifar100', 'imagenet2012', 'digits', or a custom
-  # name for a folder/tfds dataset (then mean/std default to 0.5).
-  c.name = 'cifar10'
-  # 'auto' | 'tfds' | 'cifar_archive' | 'folder' | 'digits'. 'auto' takes the
-  # first source that finds data (cifar: tfds, cifar_archive, folder).
-  c.source = 'auto'
-  # tfds data dir (local or gs://; '' = tfds default), the folder holding the
-  # CIFAR archive (or the .tar.gz itself), or the image folder (or its
-  # .tar.gz). Ignored by 'digits'.
-  c.data_dir = ''
-  # tfds-style split strings, the same meaning for every source:
-  # 'train', 'train[:45000]', 'train[90%:]', 'train[:10]+test', ...
-  c.train_split = 'train'
-  # '' for no evaluation split. ImageNet's is 'validation'.
-  c.eval_split = 'test'
-  # 'auto' (dataset default: 'device' for CIFAR/folders, 'host' for
-  # ImageNet, 'none' for digits), 'device' (uint8 batches, pad-crop-flip in
-  # preprocess_on_device), 'host' (numpy/PIL augmentation in the iterator),
-  # or 'none'.
-  c.augment = 'auto'
-  # Where decoded folder images are cached as .npy files ('' = memory only).
-  # Keep it outside the repository, e.g. '~/.cache/cmim_jax'.
-  c.cache_dir = ''
-  # Output side for datasets of varying image size (ImageNet; 0 = 224).
-  # Fixed-size datasets keep their size and only accept 0 or that size.
-  c.image_size = 0
-  # ImageNet evaluation: central crop fraction of the shorter side (224/256).
-  c.eval_crop_fraction = 0.875
-  # Per-channel normalisation on the 0..1 scale; () = the dataset's own
-  # (METHODS.md section 6), 0.5 for custom datasets.
-  c.mean = ()
-  c.std = ()
-  # Batches prepared ahead by a background thread (0 = no thread). No
-  # shuffle buffer: each epoch is a full permutation of the split.
-  c.prefetch = 2
-  # Threads for per-image host work (tfds reads, ImageNet crops); 0 = up to
-  # 16, by CPU count.
-  c.num_threads = 0
+  c = default_config.data_config()
   c.lock()
   return c
 
