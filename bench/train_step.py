@@ -1,6 +1,6 @@
 r"""Training-step throughput and memory: cmim_jax (base BNN, BNN + CMIM) vs PyTorch.
 
-For each model (CIFAR ResNet-20 / ResNet-18, 1w1a, IR-Net quantizers) at a
+For each model (CIFAR ResNet-20 / VGG-small / ResNet-18, 1w1a, IR-Net quantizers) at a
 global batch of random 32x32x3 images it measures, each case in its own
 process (so that peak RSS belongs to that case alone):
 
@@ -8,7 +8,9 @@ process (so that peak RSS belongs to that case alone):
   under ``Parallel('shard_map')`` on one device;
 * ``jax_cmim``: the same with CMIM (weight 3.2, taps ``last:3``, embed 128);
 * ``torch``: the same BNN in PyTorch (``bench/torch_bnn.py``), SGD momentum,
-  cross entropy.
+  cross entropy. Before anything is timed, ``bench/twin_parity.py`` shows
+  that the twin, given the JAX model's weights, computes the same logits and
+  gradients; if it does not, nothing is timed.
 
 Throughput is images/s over ``--repeats`` timed windows of ``--steps`` steps
 after compilation and warm-up (median reported; each window ends with a
@@ -20,7 +22,7 @@ one process in alternating windows: ``cmim_overhead_interleaved`` is the ratio
 least disturbed by other load on a shared machine. Last stdout line: one JSON
 object.
 
-  python bench/train_step.py                       # both models, CPU
+  python bench/train_step.py                       # all three models, CPU
   python bench/train_step.py --models resnet20 --steps 3 --repeats 2
   python bench/train_step.py --xla_flags=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
 """
@@ -344,9 +346,28 @@ def _version(pkg):
     return None
 
 
+def _twin_parity(args, models: list):
+  """Proves each PyTorch twin computes the JAX model's logits and gradients
+  (``bench/twin_parity.py``) before their speeds are compared."""
+  if args.no_parity:
+    print("twin parity NOT checked (--no_parity)", flush=True)
+    return None
+  import twin_parity  # pylint: disable=g-import-not-at-top
+  result = twin_parity.run(models)
+  for name, r in result["models"].items():
+    print(f"{name:9s} twin parity {'ok' if r['ok'] else 'FAILED'}: max rel error "
+          f"{r['max_rel']:.1e} (logits, gradients; float64)", flush=True)
+  if not result["ok"]:
+    raise SystemExit("the PyTorch twin is not the same BNN as the JAX model "
+                     f"(bench/twin_parity.py: {json.dumps(result)}); not timing them.")
+  return {name: {k: r[k] for k in ("ok", "max_rel", "max_abs_logits", "max_rel_grad_params",
+                                   "max_rel_grad_input")}
+          for name, r in result["models"].items()}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--models", default="resnet20,resnet18")
+  p.add_argument("--models", default="resnet20,vgg_small,resnet18")
   p.add_argument("--cases", default=",".join(CASES),
                  help="jax_pair: base and CMIM in one process, alternating windows "
                       "(cmim_overhead_interleaved, robust to load changes)")
@@ -363,6 +384,9 @@ def main(argv=None):
   p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for the JAX cases")
   p.add_argument("--no_xla_tuning", action="store_true",
                  help="leave out cmim_jax.xla_tuning's flags (XLA defaults)")
+  p.add_argument("--no_parity", action="store_true",
+                 help="skip bench/twin_parity.py (then jax_vs_torch compares two "
+                      "networks not shown to be the same BNN)")
   p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
   p.add_argument("--model", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -384,6 +408,8 @@ def main(argv=None):
   report = {"batch_size": args.batch_size, "steps": steps, "repeats": repeats,
             "warmup": args.warmup, "threads": args.threads, "xla_flags": _child_env(args)["XLA_FLAGS"],
             "machine": _machine(args), "models": {}}
+  if "torch" in cases:
+    report["twin_parity"] = _twin_parity(args, models)
   for model in models:
     res = {}
     for case in cases:

@@ -68,6 +68,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   xla_tuning.apply()  # Before the first use of a JAX backend.
   import jax  # pylint: disable=g-import-not-at-top
+  xla_tuning.enable_compilation_cache()  # Later runs load compiled steps from disk.
   if _NUM_CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
   try:

@@ -87,12 +87,33 @@ class BinaryConvTest(chex.TestCase, parameterized.TestCase):
       w_b = apply(layer, variables, SCHED, method="effective_kernel")
       np.testing.assert_array_equal(np.abs(np.asarray(w_b)), 1.0)
 
-  def test_effective_kernel_function_matches_method(self):
+  def test_irnet_effective_kernel_and_gradient_match_the_paper_in_numpy(self):
     layer = layers.BinaryConv(4, (3, 3), kernel_quantizer="irnet_weight")
-    variables = init(layer, images(), SCHED)
-    chex.assert_trees_all_equal(
-        layers.effective_kernel(variables["params"], "irnet_weight", SCHED),
-        apply(layer, variables, SCHED, method="effective_kernel"))
+    kernel = np.random.default_rng(3).normal(0.1, 0.3, (3, 3, 3, 4))
+    sched = {"k": jnp.float32(1.7), "t": jnp.float32(0.6)}
+    got = apply(layer, {"params": {"kernel": jnp.asarray(kernel, jnp.float32)}}, sched,
+                method="effective_kernel")
+    # IR-Net (Qin et al. 2020), Libra-PB per output filter c (last axis here):
+    # W' = (W - mean_c) / std_c (unbiased), Wb = sign(W') 2^round(log2 mean_c |W'|).
+    w = kernel.reshape(-1, 4)
+    n = w.shape[0]
+    w_std = (w - w.mean(0)) / w.std(0, ddof=1)
+    scale = 2.0 ** np.round(np.log2(np.abs(w_std).mean(0)))
+    want = np.where(w_std >= 0, 1.0, -1.0) * scale
+    np.testing.assert_allclose(np.asarray(got).reshape(-1, 4), want, rtol=1e-6)
+    np.testing.assert_array_equal(np.log2(scale), np.round(np.log2(scale)))
+    # Gradient of sum(c * Wb): the EDE k t (1 - tanh^2(t W')) times the detached
+    # scale, then back through the standardisation by hand:
+    # dW_i = (g_i - mean(g)) / std - W'_i sum_j(g_j W'_j) / ((n - 1) std).
+    c = np.random.default_rng(4).normal(size=w.shape)
+    g = c * scale * 1.7 * 0.6 * (1 - np.tanh(0.6 * w_std) ** 2)
+    want_grad = ((g - g.mean(0)) - w_std * (g * w_std).sum(0) / (n - 1)) / w.std(0, ddof=1)
+    got_grad = jax.jit(jax.grad(lambda k: jnp.sum(jnp.asarray(c.reshape(kernel.shape), jnp.float32)
+                                                  * layers.effective_kernel(
+                                                      {"kernel": k}, "irnet_weight", sched))))(
+        jnp.asarray(kernel, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got_grad).reshape(-1, 4), want_grad,
+                               rtol=2e-4, atol=2e-5)
 
   def test_identity_quantizers_give_a_plain_conv(self):
     x = images()
