@@ -22,6 +22,7 @@ import jax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # Runs from a checkout without installing.
 
+from cmim_jax import default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cmim_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
                       'reason': reason}))
     return 0
 
-  cfg = input_pipeline.get_config()
+  cfg = default_config.data_config()
   cfg.update(dict(name='cifar10', source='folder', data_dir=args.data,
                   train_split='train', eval_split='', prefetch=args.prefetch))
   bs, n = args.batch_size, args.batches

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from cmim_jax import default_config
 from cmim_jax import input_pipeline as ip
 
 
 def _config(**kw):
-  c = ip.get_config()
+  c = default_config.data_config()
   c.prefetch = 0
   c.num_threads = 1
   c.update(kw)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cmim_jax import default_config
 from cmim_jax import input_pipeline as ip
 from cmim_jax.data import catalogue
 from cmim_jax.data.loaders import cifar_archive
@@ -53,7 +54,7 @@ def make_tar(src_root, tar_path, arcname='.'):
 
 
 def data_config(**overrides):
-  c = ip.get_config()
+  c = default_config.data_config()
   c.prefetch = 0
   c.update(overrides)
   return c
@@ -90,17 +91,14 @@ def numbered_folder(tmp_path):
 # -------------------------------------------------------------------- config
 
 
-def test_get_config_has_exactly_the_data_keys_and_is_locked():
-  c = ip.get_config()
-  assert sorted(c) == sorted(ip.DATA_KEYS)
+def test_default_config_data_section_has_exactly_the_data_keys():
+  assert sorted(default_config.data_config()) == sorted(ip.DATA_KEYS)
+  assert sorted(default_config.get_config().data) == sorted(ip.DATA_KEYS)
   assert len(set(ip.DATA_KEYS)) == len(ip.DATA_KEYS)
+  c = ip.get_config()  # The earlier API: the same section, locked.
+  assert c.to_dict() == default_config.data_config().to_dict()
   with pytest.raises(AttributeError):
     c.shuffle_bufer = 3  # A misspelt key fails loudly.
-
-
-def test_default_config_data_section_has_exactly_the_data_keys():
-  default_config = pytest.importorskip('cmim_jax.default_config')
-  assert sorted(default_config.get_config().data) == sorted(ip.DATA_KEYS)
 
 
 def test_every_data_key_is_read_by_get_datasets(tiny_folder):
