@@ -10,14 +10,14 @@ crop for evaluation on the 50k ``validation`` split.
 Model ``birealnet18`` with its Bi-Real quantizers (ApproxSign inputs,
 magnitude-aware per-channel weights, i.e. ``'xnor_weight'``); the IR-Net EDE
 schedule is passed but unused by them. Optimizer after the ReActNet/Bi-Real
-ImageNet recipe (METHODS.md section 6), in one step with both weights and
+ImageNet recipe (ReActNet and Bi-Real papers; docs/METHODS.md), in one step with both weights and
 activations binary from the start and no distillation: Adam lr 1e-3 decayed
 linearly to 0, batch 512, 256 epochs (SD-BNN's ImageNet length), L2 weight
 decay 5e-6 on kernels (between ReActNet's 1e-5 for step 1 and 0 for step 2).
 
 CMIM weight 1.0 at temperature 0.1 on the last binary conv of each of the
 last three stages: UNTUNED. The paper's CIFAR lambda is 3.2; its ImageNet
-value is not in METHODS.md, so this stays conservative until a sweep says
+value is not published, so this stays conservative until a sweep says
 otherwise. ``cmim.weight=0`` gives the plain Bi-Real baseline.
 
 ``configs/imagenet.py:smoke`` shrinks it to a short CPU run (64x64 crops,

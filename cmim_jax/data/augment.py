@@ -1,6 +1,6 @@
 """Augmentation and normalisation, on the host (numpy/PIL) and on device (jax).
 
-Two families, as in METHODS.md section 6:
+Two families (docs/METHODS.md, section 7, and the papers' released code):
 
 * ``pad_crop``: CIFAR style. Zero-pad ``pad`` pixels on each side (0 is black
   in uint8, as torchvision's ``RandomCrop(32, padding=4)`` pads the PIL image
