@@ -154,16 +154,19 @@ def build_model(config, num_classes: int):
   return models.get_model(config.model.name, num_classes=num_classes, **kwargs)
 
 
-def data_facts(config) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...]]:
+def data_facts(config, image_shape: Sequence[int] | None = None
+               ) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
   """(image_shape, mean, std) of the config's dataset, without reading the data.
 
   Mirrors ``input_pipeline.get_datasets``: known datasets have a fixed image
   shape (ImageNet: ``data.image_size`` or 224), ``data.mean``/``data.std``
-  override the dataset's own.
+  override the dataset's own. ``image_shape`` overrides the shape.
   """
   from cmim_jax.data import sources
   spec = sources.dataset_spec(config.data.name)
-  if spec.crop == "resized_crop":
+  if image_shape is not None:
+    shape = tuple(int(v) for v in image_shape)
+  elif spec.crop == "resized_crop":
     size = config.data.get("image_size", 0) or 224
     shape = (size, size, 3)
   elif spec.image_shape is not None:
@@ -217,22 +220,12 @@ def export_workdir(workdir: str, out: str, *, config=None, step: int | None = No
   except KeyError:
     raise ValueError(f"the checkpoint in {workdir} has no classifier params/fc: it does not "
                      f"match model {config.model.name!r}.") from None
-  shape, mean, std = data_facts(config) if image_shape is None else (
-      tuple(image_shape), *data_facts_norm(config, image_shape))
+  shape, mean, std = data_facts(config, image_shape)
   model = build_model(config, num_classes)
   return save(out, model, variables, model_name=config.model.name, input_shape=shape,
               mean=mean, std=std,
               extra={"step": step, "workdir": os.path.abspath(workdir),
                      "dataset": config.data.name})
-
-
-def data_facts_norm(config, image_shape) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  from cmim_jax.data import sources
-  spec = sources.dataset_spec(config.data.name)
-  c = image_shape[-1]
-  mean = tuple(config.data.get("mean", ()) or ()) or spec.mean or (sources.DEFAULT_MEAN,) * c
-  std = tuple(config.data.get("std", ()) or ()) or spec.std or (sources.DEFAULT_STD,) * c
-  return tuple(mean), tuple(std)
 
 
 # --------------------------------------------------------------------------
