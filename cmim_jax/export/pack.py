@@ -64,23 +64,32 @@ def check_sign_quantizer(q: binarize.QuantizerLike, model_name: str) -> None:
         "+-1 activations (x >= 0 -> +1).")
 
 
-def binary_kernel(layer_params: Mapping[str, Any], kernel_quantizer, name: str,
-                  model_name: str) -> tuple[np.ndarray, np.ndarray]:
-  """Sign bits and per-output-channel scale of a layer's effective kernel.
+def binary_kernels(layer_params: Sequence[Mapping[str, Any]], kernel_quantizer, names: Sequence[str],
+                   model_name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Sign bits and per-output-channel scale of each layer's effective kernel.
+
+  One jitted call quantizes every kernel (eager dispatch would compile each
+  operation per kernel shape).
 
   Returns:
-    ``(signs bool[..., cin, cout], alpha f32[cout])`` with
+    per layer ``(signs bool[..., cin, cout], alpha f32[cout])`` with
     ``effective_kernel == alpha * where(signs, 1, -1)`` exactly.
   """
-  params = {k: v for k, v in layer_params.items() if k != "input_shift"}
-  w_b = _float(layers.effective_kernel(params, kernel_quantizer, binarize.DEFAULT_SCHEDULE))
-  mag = np.abs(w_b).reshape(-1, w_b.shape[-1])
-  alpha = mag.max(axis=0)
-  if not np.array_equal(mag, np.broadcast_to(alpha, mag.shape)) or not np.all(np.isfinite(alpha)):
-    raise NotExportableError(
-        f"model {model_name!r}, layer {name!r}: kernel quantizer {kernel_quantizer!r} does "
-        "not give +-alpha per output channel (or gives NaN/Inf); only 1-bit kernels pack.")
-  return ~np.signbit(w_b), alpha.astype(np.float32)
+  params = [{k: v for k, v in p.items() if k != "input_shift"} for p in layer_params]
+  quantize = jax.jit(lambda ps: [layers.effective_kernel(p, kernel_quantizer,
+                                                         binarize.DEFAULT_SCHEDULE) for p in ps])
+  out = []
+  for name, w_b in zip(names, quantize(params)):
+    w_b = _float(w_b)
+    mag = np.abs(w_b).reshape(-1, w_b.shape[-1])
+    alpha = mag.max(axis=0)
+    if not np.array_equal(mag, np.broadcast_to(alpha, mag.shape)) or not np.all(np.isfinite(alpha)):
+      raise NotExportableError(
+          f"model {model_name!r}, layer {name!r}: kernel quantizer {kernel_quantizer!r} does "
+          "not give +-alpha per output channel (or gives NaN/Inf, e.g. IR-Net on a constant "
+          "filter); only 1-bit kernels pack.")
+    out.append((~np.signbit(w_b), alpha.astype(np.float32)))
+  return out
 
 
 class _Builder:
@@ -94,6 +103,18 @@ class _Builder:
     self.layers: list[dict] = []
     self.arrays: dict[str, np.ndarray] = {}
     self.eps = _eps()
+    self.pending: list[tuple[str, Mapping[str, Any]]] = []
+
+  def finish(self):
+    """Quantizes and packs every binary kernel at once."""
+    if not self.pending:
+      return
+    names = [n for n, _ in self.pending]
+    kernels = binary_kernels([p for _, p in self.pending], self.model.kernel_quantizer, names,
+                             self.model_name)
+    for name, (signs, alpha) in zip(names, kernels):
+      self.arrays[f"{name}/bits"] = infer.pack_bits_np(np.transpose(signs, (0, 1, 3, 2)))
+      self.arrays[f"{name}/alpha"] = alpha
 
   def _get(self, tree, path):
     node = tree
@@ -112,11 +133,9 @@ class _Builder:
 
   def bconv(self, path, *, strides, padding, src="x", dst="x"):
     p = self._get(self.params, path)
-    signs, alpha = binary_kernel(p, self.model.kernel_quantizer, path, self.model_name)
-    kh, kw, cin, cout = signs.shape
-    bits = infer.pack_bits_np(np.transpose(signs, (0, 1, 3, 2)))  # [kh, kw, cout, words]
-    arrays = {"bits": bits, "alpha": alpha}
-    attrs = {}
+    kh, kw, cin, cout = np.shape(p["kernel"])
+    self.pending.append((path, p))  # bits and alpha: see finish()
+    arrays, attrs = {}, {}
     if "input_shift" in p:
       shift = p["input_shift"]
       if set(shift) != {"fc1", "fc2"}:
@@ -322,6 +341,7 @@ def pack_model(model, variables: Mapping[str, Any], *, input_shape: Sequence[int
   check_variables(model, variables, input_shape, model_name)
   b = _Builder(model, variables, model_name)
   _exporter(model, model_name)(b, model)
+  b.finish()
   if num_classes is None:
     num_classes = int(np.shape(variables["params"]["fc"]["kernel"])[-1])
   channels = int(input_shape[-1])
