@@ -151,7 +151,10 @@ def build_model(config, num_classes: int):
     kwargs["stage_sizes"] = tuple(config.model.stage_sizes)
   if config.model.get("dtype") and config.model.dtype != "float32":
     kwargs["dtype"] = jnp.dtype(config.model.dtype)
-  return models.get_model(config.model.name, num_classes=num_classes, **kwargs)
+  try:
+    return models.get_model(config.model.name, num_classes=num_classes, **kwargs)
+  except TypeError as e:  # A config field the model does not have.
+    raise ValueError(f"config.model does not fit model {config.model.name!r}: {e}") from e
 
 
 def data_facts(config, image_shape: Sequence[int] | None = None
