@@ -144,12 +144,17 @@ def xnor_conv(x: Array, bits: Array, *, cin: int, strides: Sequence[int],
   sh, sw = strides
   ho = (hp - kh) // sh + 1
   wo = (wp - kw) // sw + 1
-  taps = [xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
-          for i in range(kh) for j in range(kw)]
-  patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-  w = jnp.transpose(jnp.asarray(bits), (2, 0, 1, 3)).reshape(cout, kh * kw * words)
-  mismatches = jnp.sum(
-      jax.lax.population_count(patches[..., None, :] ^ w).astype(jnp.int32), axis=-1)
+  bits = jnp.asarray(bits)
+  # One tap at a time, accumulated: XLA fuses slice, XOR, popcount and the sum
+  # over words into one loop per tap without materialising [.., cout, words]
+  # patches (an im2col of all taps was up to 16x slower at 512 channels).
+  mismatches = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+      m = jnp.sum(jax.lax.population_count(tap[..., None, :] ^ bits[i, j]).astype(jnp.int32),
+                  axis=-1)
+      mismatches = m if mismatches is None else mismatches + m
   dot = kh * kw * cin - 2 * mismatches
   if border is not None:
     dot = dot + border
