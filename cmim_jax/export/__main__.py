@@ -28,6 +28,8 @@ _CHECK_EXAMPLES = flags.DEFINE_integer("check_examples", 0,
                                        "Examples to compare (0 = the whole eval split).")
 _STABLEHLO = flags.DEFINE_string("stablehlo", None,
                                  "Also write the packed function as jax.export bytes here.")
+_PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"],
+                               "Platforms the --stablehlo artifact is lowered for.")
 _NO_EXPORT = flags.DEFINE_bool("no_export", False, "With --check: check the existing --out file.")
 
 flags.mark_flags_as_required(["workdir", "out"])
@@ -90,10 +92,11 @@ def main(argv):
                                      step=_STEP.value, image_shape=shape)
       print(result.summary())
     if _STABLEHLO.value:
-      data = export.serialize(export.load(_OUT.value))
+      data = export.serialize(export.load(_OUT.value), platforms=_PLATFORMS.value)
       with open(_STABLEHLO.value, "wb") as f:
         f.write(data)
-      print(f"jax.export artifact: {_STABLEHLO.value} ({len(data) / 2**20:.2f} MiB)")
+      print(f"jax.export artifact: {_STABLEHLO.value} ({len(data) / 2**20:.2f} MiB, "
+            f"{', '.join(_PLATFORMS.value)}, any batch size)")
     if _CHECK.value and not _check(config, _WORKDIR.value, _OUT.value, _STEP.value,
                                    _CHECK_EXAMPLES.value):
       sys.exit(2)
