@@ -144,19 +144,19 @@ def xnor_conv(x: Array, bits: Array, *, cin: int, strides: Sequence[int],
   sh, sw = strides
   ho = (hp - kh) // sh + 1
   wo = (wp - kw) // sw + 1
-  # Kernel as [taps, words, cout] (output channels minor) and the packed input
-  # as [taps, b, ho, wo, words]: the XOR + popcount is elementwise, vectorised
-  # over output channels, and the sum over (taps, words) is a reduction over
-  # major axes, so XLA emits one loop over the output and materialises its
-  # result. (Reducing over a minor axis of 1-16 words was 2-10x slower; a
-  # chain of adds is an elementwise fusion that XLA copied into every reader
-  # of a block output, recomputing the residual chain.)
-  w = (np.transpose(bits, (0, 1, 3, 2)) if isinstance(bits, np.ndarray)
-       else jnp.transpose(bits, (0, 1, 3, 2))).reshape(kh * kw, words, cout)
-  taps = jnp.stack([xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
-                    for i in range(kh) for j in range(kw)])
-  terms = jax.lax.population_count(taps[..., :, None] ^ w[:, None, None, None, :, :])
-  mismatches = jnp.sum(terms.astype(jnp.int32), axis=(0, 4))
+  # [kh, kw, words, cout]: the output channel minor, so that each (tap, word)
+  # term is an elementwise XOR + popcount over output channels, which XLA
+  # fuses into one vectorised loop over the whole output. (Reducing over a
+  # minor axis of words instead was 2-10x slower: an inner loop of 2-16.)
+  bits_t = (np.transpose(bits, (0, 1, 3, 2)) if isinstance(bits, np.ndarray)
+            else jnp.transpose(bits, (0, 1, 3, 2)))
+  mismatches = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+      for k in range(words):
+        m = jax.lax.population_count(tap[..., k:k + 1] ^ bits_t[i, j, k]).astype(jnp.int32)
+        mismatches = m if mismatches is None else mismatches + m
   dot = kh * kw * cin - 2 * mismatches
   if border is not None:
     dot = dot + border
