@@ -165,8 +165,8 @@ def data_facts(config, image_shape: Sequence[int] | None = None
   shape (ImageNet: ``data.image_size`` or 224), ``data.mean``/``data.std``
   override the dataset's own. ``image_shape`` overrides the shape.
   """
-  from cmim_jax.data import sources
-  spec = sources.dataset_spec(config.data.name)
+  from cmim_jax.data import catalogue
+  spec = catalogue.dataset_spec(config.data.name)
   if image_shape is not None:
     shape = tuple(int(v) for v in image_shape)
   elif spec.crop == "resized_crop":
@@ -178,8 +178,8 @@ def data_facts(config, image_shape: Sequence[int] | None = None
     raise ValueError(f"the image shape of dataset {config.data.name!r} is not known without "
                      "reading it; pass --image_shape H,W,C.")
   c = shape[-1]
-  mean = tuple(config.data.get("mean", ()) or ()) or spec.mean or (sources.DEFAULT_MEAN,) * c
-  std = tuple(config.data.get("std", ()) or ()) or spec.std or (sources.DEFAULT_STD,) * c
+  mean = tuple(config.data.get("mean", ()) or ()) or spec.mean or (catalogue.DEFAULT_MEAN,) * c
+  std = tuple(config.data.get("std", ()) or ()) or spec.std or (catalogue.DEFAULT_STD,) * c
   return shape, tuple(mean), tuple(std)
 
 
