@@ -304,10 +304,3 @@ class Program:
 
 OPS = ("bconv", "conv", "bn", "hardtanh", "add", "max_pool", "avg_pool", "option_a",
        "global_avg_pool", "flatten", "dense")
-
-
-def as_function(program: Program) -> Callable[[Array], Array]:
-  """``images -> logits`` as a plain function (the weights are closed over)."""
-  def packed_model(images):
-    return program(images)
-  return packed_model
