@@ -7,6 +7,7 @@ import sys
 import textwrap
 import zipfile
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,3 +212,33 @@ def test_cli_check_and_jax_export_run_without_cmim_jax(workdir, tmp_path):
   got = np.load(tmp_path / "logits.npy")
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.load(tmp_path / "logits2.npy"), want[:2], rtol=1e-6, atol=1e-6)
+
+
+def test_half_binary_and_unknown_architectures_are_refused_by_name():
+  weights_only = models.get_model("resnet20", num_classes=10, input_quantizer="identity")
+  with pytest.raises(pack.NotExportableError, match=r"'resnet20' binarizes only its kernels"):
+    pack.check_exportable(weights_only, "resnet20")
+
+  class Mine(nn.Module):  # a model the packed format does not describe
+    input_quantizer: str = "ste_sign"
+    kernel_quantizer: str = "ste_sign"
+    dtype: object = jnp.float32
+
+    def __call__(self, x, *, train=False):
+      return x
+
+  with pytest.raises(pack.NotExportableError, match=r"'mine' \(Mine\) has no packed exporter"):
+    pack.check_exportable(Mine(), "mine")
+
+
+def test_bench_inference_smoke():
+  """The benchmark runs and its last line is the JSON it documents."""
+  proc = subprocess.run(
+      [sys.executable, "bench/inference.py", "--model", "resnet20", "--batch_sizes", "2",
+       "--repeats", "1", "--no_layers"], cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["model"] == "resnet20" and result["memory"]["binary_kernels_ratio"] > 29
+  (row,) = result["end_to_end"]
+  assert row["batch"] == 2 and row["argmax_agree"] == 1.0 and row["packed_ms"] > 0
