@@ -212,3 +212,15 @@ def test_packed_size_is_about_32x_smaller_for_binary_weights():
   total_packed = sum(a.nbytes for a in arrays.values())
   # The float stem, head, BN vectors and scales are what keeps it from 32x.
   assert 25 < total_float / total_packed < 32, (total_float, total_packed)
+
+
+def test_full_width_resnet18_is_exact():
+  """The registered ResNet-18 at full width and CIFAR size (the tiny variants
+  above cover every architecture; this checks the real layer sizes)."""
+  model = models.get_model("resnet18", num_classes=10)
+  shape = (32, 32, 3)
+  v = randomized_variables(model, shape, seed=11)
+  body, arrays = pack.pack_model(model, v, input_shape=shape, mean=0.5, std=0.25,
+                                 model_name="resnet18")
+  r = export.compare(export.PackedModel(body, arrays), model, v, _images(shape, n=8))
+  assert r["argmax_agree"] == 1.0 and r["max_abs_diff"] <= 1e-5 * r["max_abs_logit"] + 1e-6, r
