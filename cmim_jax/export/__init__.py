@@ -126,7 +126,11 @@ def load_run_config(workdir: str):
   """The config a run was trained with (``WORKDIR/config.json``)."""
   from cmim_jax import train
   if hasattr(train, "load_run_config"):
-    return train.load_run_config(workdir)
+    try:
+      return train.load_run_config(workdir)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{e} Or pass the config the run was trained with: --config "
+                              "configs/FILE.py (plus the same --config.x overrides).") from e
   # Until train.load_run_config exists: the same file, read directly.
   import ml_collections
   path = os.path.join(workdir, "config.json")
