@@ -43,7 +43,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cmim_jax import binarize, export, layers, models  # noqa: E402
-from cmim_jax.export import pack  # noqa: E402
 
 
 def random_variables(model, shape, seed=0):

@@ -2,7 +2,6 @@
 hand-written NumPy convolution, and every registered binary model's packed
 logits against its eval-mode float forward."""
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
