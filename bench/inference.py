@@ -1,0 +1,221 @@
+r"""Inference speed and weight memory: packed XNOR-popcount vs the float eval forward.
+
+For one registered model (default CIFAR ResNet-18 1w1a) it packs random
+variables (speed does not depend on their values; ``--workdir`` packs a real
+run instead) and measures, at each batch size:
+
+* per binary 3x3 conv (one row per distinct shape): the packed layer
+  (binarize + pack the input, XNOR-popcount over uint32 words, border map,
+  scale) vs the float layer the training model runs in eval mode
+  (``sign(x)`` convolved in float32 with its binarized kernel, the kernel
+  quantized once outside the timing: the strongest float baseline);
+* end to end: ``cmim_jax.export.load(path)``'s forward vs
+  ``model.apply(variables, x, train=False)`` (which re-quantizes the latent
+  kernels on every call, as the training model does), both jitted, on
+  normalised float32 images.
+
+Times are medians over ``--repeats`` timed calls after compilation and one
+warm-up call. Weight memory: float32 bytes of the binary layers' latent
+kernels vs their packed bits, and of all eval variables vs the packed file's
+arrays. Last stdout line: one JSON object.
+
+  python bench/inference.py                          # ResNet-18, batch 1 and 64, CPU
+  python bench/inference.py --model resnet20 --batch_sizes 1,256
+  python bench/inference.py --workdir runs/c10       # a trained run (uses its config)
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cmim_jax import binarize, export, layers, models  # noqa: E402
+
+
+def random_variables(model, shape, seed=0):
+  """Variables of the model's structure with random values (no compile)."""
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                          jnp.zeros((1, *shape)))
+  rng = np.random.default_rng(seed)
+  def draw(path, s):
+    key = jax.tree_util.keystr(path)
+    if key.endswith("['var']"):
+      return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
+    if key.endswith("['scale']"):
+      return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+    return rng.normal(0, 0.1, s.shape).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, {k: shapes[k] for k in ("params", "batch_stats")})
+
+
+def timeit(fn, *args, repeats):
+  jax.block_until_ready(fn(*args))  # compile
+  jax.block_until_ready(fn(*args))  # warm-up
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def bconv_inputs(program, x):
+  """Input shape of every bconv layer (one eager pass at batch 1)."""
+  regs, shapes = {"x": x}, {}
+  for layer in program.layers:
+    if layer["op"] == "bconv":
+      shapes[layer["name"]] = regs[layer.get("src", "x")].shape
+    regs[layer.get("dst", "x")] = jax.eval_shape(
+        lambda r, l=layer: program._run(l, r), regs)  # pylint: disable=protected-access
+    regs = {k: jnp.zeros(v.shape, v.dtype) if isinstance(v, jax.ShapeDtypeStruct) else v
+            for k, v in regs.items()}
+  return shapes
+
+
+def _params_at(tree, path):
+  for p in path.split("/"):
+    tree = tree[p]
+  return tree
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="resnet18")
+  p.add_argument("--num_classes", type=int, default=10)
+  p.add_argument("--image_shape", default="32,32,3")
+  p.add_argument("--batch_sizes", default="1,64")
+  p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--workdir", default=None, help="pack this run instead of random variables")
+  p.add_argument("--no_layers", action="store_true", help="end to end only")
+  args = p.parse_args()
+
+  if args.workdir:
+    config = export.load_run_config(args.workdir)
+    variables, _ = export.restore_variables(args.workdir)
+    num_classes = int(np.shape(variables["params"]["fc"]["kernel"])[-1])
+    model = export.build_model(config, num_classes)
+    shape, mean, std = export.data_facts(config)
+    name = config.model.name
+  else:
+    name = args.model
+    model = models.get_model(name, num_classes=args.num_classes)
+    shape = tuple(int(v) for v in args.image_shape.split(","))
+    variables = random_variables(model, shape)
+    mean, std = (0.5,) * shape[-1], (0.25,) * shape[-1]
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "m.cmimbnn")
+    result = export.save(path, model, variables, model_name=name, input_shape=shape,
+                         mean=mean, std=std)
+    packed = export.load(path)
+  program = packed.program
+  bconvs = [l for l in program.layers if l["op"] == "bconv"]
+  latent = sum(4 * np.size(_params_at(variables["params"], l["name"])["kernel"]) for l in bconvs)
+  bits = sum(program.arrays[f"{l['name']}/bits"].nbytes for l in bconvs)
+  memory = {"binary_kernels_float_bytes": int(latent), "binary_kernels_packed_bytes": int(bits),
+            "binary_kernels_ratio": latent / bits, "model_float_bytes": result.float_bytes,
+            "model_packed_bytes": result.packed_bytes,
+            "model_ratio": result.float_bytes / result.packed_bytes,
+            "file_bytes": result.file_bytes}
+  mib = 1 << 20
+  print(f"{name}: binary kernels {latent / mib:.2f} MiB float32 -> {bits / mib:.3f} MiB packed "
+        f"({latent / bits:.1f}x); whole model {result.float_bytes / mib:.2f} MiB -> "
+        f"{result.packed_bytes / mib:.2f} MiB ({memory['model_ratio']:.1f}x); file "
+        f"{result.file_bytes / mib:.2f} MiB")
+
+  batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+  rng = np.random.default_rng(0)
+  layer_rows, e2e_rows = [], []
+  shapes = {} if args.no_layers else bconv_inputs(program, jnp.zeros((1, *shape), jnp.float32))
+  seen = set()
+  for layer in bconvs:
+    if args.no_layers or layer["kernel"] != [3, 3]:
+      continue
+    in_shape = shapes[layer["name"]]
+    key = (tuple(in_shape[1:]), layer["cout"], tuple(layer["strides"]))
+    if key in seen:
+      continue
+    seen.add(key)
+    lp = _params_at(variables["params"], layer["name"])
+    w_b = jax.jit(lambda p: layers.effective_kernel(
+        {k: v for k, v in p.items() if k != "input_shift"}, model.kernel_quantizer,
+        binarize.DEFAULT_SCHEDULE))(lp)
+    strides, padding = tuple(layer["strides"]), tuple(tuple(q) for q in layer["padding"])
+    def float_layer(x, w_b=w_b, strides=strides, padding=padding):
+      x_b = jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)  # binarize.sign
+      return jax.lax.conv_general_dilated(x_b, w_b, strides, padding,
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    packed_layer = lambda x, layer=layer: program._run(layer, {layer["src"]: x})  # pylint: disable=protected-access
+    for b in batch_sizes:
+      x = jnp.asarray(rng.normal(size=(b, *in_shape[1:])).astype(np.float32))
+      f_fn, p_fn = jax.jit(float_layer), jax.jit(packed_layer)
+      # The layer itself must agree before its speed means anything.
+      np.testing.assert_allclose(np.asarray(p_fn(x)),
+                                 np.asarray(f_fn(x)) * program.arrays[f"{layer['name']}/alpha"],
+                                 rtol=1e-5, atol=1e-4)
+      tf, tp = timeit(f_fn, x, repeats=args.repeats), timeit(p_fn, x, repeats=args.repeats)
+      row = {"layer": layer["name"], "input": list(in_shape[1:]), "cout": layer["cout"],
+             "strides": layer["strides"], "batch": b, "float_ms": tf * 1e3,
+             "packed_ms": tp * 1e3, "speedup": tf / tp}
+      layer_rows.append(row)
+      print(f"  {layer['name']:24s} in {'x'.join(map(str, in_shape[1:])):>10s} -> {layer['cout']:4d} "
+            f"s{layer['strides'][0]} batch {b:4d}: float {tf * 1e3:8.3f} ms  packed "
+            f"{tp * 1e3:8.3f} ms  {tf / tp:5.2f}x", flush=True)
+
+  v = {k: variables[k] for k in ("params", "batch_stats")}
+  float_fn = jax.jit(lambda x: model.apply(v, x, train=False))
+  # A float deployment would quantize the kernels once: the same model with
+  # identity kernel quantizers reading the binarized kernels.
+  cached = jax.tree.map(np.asarray, v)
+  for layer in bconvs:
+    node = _params_at(cached["params"], layer["name"])
+    node["kernel"] = np.asarray(jax.jit(lambda p: layers.effective_kernel(
+        {k: x for k, x in p.items() if k != "input_shift"}, model.kernel_quantizer,
+        binarize.DEFAULT_SCHEDULE))(_params_at(v["params"], layer["name"])))
+  cached_model = model.clone(kernel_quantizer="identity")
+  cached_fn = jax.jit(lambda x: cached_model.apply(cached, x, train=False))
+  packed_fn = jax.jit(program.forward)
+  for b in batch_sizes:
+    x = jnp.asarray(rng.normal(size=(b, *shape)).astype(np.float32))
+    r = np.asarray(float_fn(x)), np.asarray(packed_fn(x))
+    agree = float(np.mean(r[0].argmax(-1) == r[1].argmax(-1)))
+    np.testing.assert_allclose(np.asarray(cached_fn(x)), r[0], rtol=1e-4, atol=1e-4)
+    tf, tp = timeit(float_fn, x, repeats=args.repeats), timeit(packed_fn, x, repeats=args.repeats)
+    tc = timeit(cached_fn, x, repeats=args.repeats)
+    e2e_rows.append({"batch": b, "float_ms": tf * 1e3, "float_cached_kernels_ms": tc * 1e3,
+                     "packed_ms": tp * 1e3, "speedup": tf / tp, "speedup_vs_cached": tc / tp,
+                     "argmax_agree": agree, "max_abs_diff": float(np.max(np.abs(r[0] - r[1])))})
+    print(f"  end to end batch {b:4d}: float {tf * 1e3:8.3f} ms (kernels quantized once: "
+          f"{tc * 1e3:8.3f} ms)  packed {tp * 1e3:8.3f} ms  {tf / tp:5.2f}x ({tc / tp:5.2f}x)  "
+          f"(argmax agree {agree:.3f})", flush=True)
+
+  by_batch = {}
+  for b in batch_sizes:
+    rows = [r for r in layer_rows if r["batch"] == b]
+    if rows:
+      by_batch[str(b)] = {"min": min(r["speedup"] for r in rows),
+                          "median": statistics.median(r["speedup"] for r in rows),
+                          "max": max(r["speedup"] for r in rows)}
+  print(json.dumps({
+      "model": name, "input_shape": list(shape), "backend": jax.default_backend(),
+      "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
+      "machine": platform.machine(), "jax": jax.__version__,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+      "memory": memory, "layers": layer_rows, "layer_speedup": by_batch,
+      "end_to_end": e2e_rows}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,366 @@
+"""From a trained Flax BNN to a packed layer program.
+
+Every binary conv becomes a ``bconv`` layer: the signs of its effective
+(quantized) kernel packed along the input channels into ``uint32`` words,
+``[kh, kw, cout, words]``, and its per-output-channel scale ``alpha`` (the
+XNOR / IR-Net scale; 1 for WSD) kept as float32. The following BatchNorm is
+a per-channel affine applied to ``alpha * dot`` with the same float
+operations as ``flax.linen.BatchNorm`` so that the packed model reproduces
+the training model's eval forward bit for bit (a fused ``a * dot + b`` would
+round differently in the last bit and could flip a sign downstream).
+Stem, shortcuts with weights other than binary ones, and the classifier stay
+float32.
+
+Supported: :class:`cmim_jax.models.ResNet` (``BasicBlock``,
+``BiRealBlock``; every shortcut kind and stem) and
+:class:`cmim_jax.models.VGGSmall`, with sign-forward input quantizers, any
+weight quantizer whose output is ``+-alpha_c`` per output channel, and the
+SD-BNN ASD input shift. Anything else is refused with the reason.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cmim_jax import binarize, layers
+from cmim_jax.export import infer
+from cmim_jax.models import common, resnet, vgg
+
+
+class NotExportableError(ValueError):
+  """The model cannot be packed; the message names it and says why."""
+
+
+def _np(x) -> np.ndarray:
+  return np.asarray(jax.device_get(x))
+
+
+def _float(x) -> np.ndarray:
+  return _np(x).astype(np.float32)
+
+
+def _eps() -> float:
+  return float(common.batch_norm(False, None, jnp.float32).keywords["epsilon"])
+
+
+def check_sign_quantizer(q: binarize.QuantizerLike, model_name: str) -> None:
+  """Refuses an input quantizer whose forward pass is not ``x >= 0 -> +1 else -1``."""
+  probe = jnp.array([-3.0, -0.5, -1e-30, -0.0, 0.0, 1e-30, 0.5, 3.0], jnp.float32)
+  try:
+    out = _np(binarize.get(q)(probe, **dict(binarize.DEFAULT_SCHEDULE)))
+  except Exception as e:  # A quantizer that needs more than the schedule.
+    raise NotExportableError(
+        f"model {model_name!r}: cannot evaluate input quantizer {q!r} ({e}); the packed "
+        "format needs a sign quantizer.") from e
+  want = np.where(_np(probe) >= 0, 1.0, -1.0)
+  if not np.array_equal(out, want):
+    raise NotExportableError(
+        f"model {model_name!r}: input quantizer {q!r} is not a sign function "
+        f"(maps {_np(probe).tolist()} to {out.tolist()}); XNOR-popcount inference needs "
+        "+-1 activations (x >= 0 -> +1).")
+
+
+def binary_kernels(layer_params: Sequence[Mapping[str, Any]], kernel_quantizer, names: Sequence[str],
+                   model_name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Sign bits and per-output-channel scale of each layer's effective kernel.
+
+  One jitted call quantizes every kernel (eager dispatch would compile each
+  operation per kernel shape).
+
+  Returns:
+    per layer ``(signs bool[..., cin, cout], alpha f32[cout])`` with
+    ``effective_kernel == alpha * where(signs, 1, -1)`` exactly.
+  """
+  params = [{k: v for k, v in p.items() if k != "input_shift"} for p in layer_params]
+  quantize = jax.jit(lambda ps: [layers.effective_kernel(p, kernel_quantizer,
+                                                         binarize.DEFAULT_SCHEDULE) for p in ps])
+  out = []
+  for name, w_b in zip(names, quantize(params)):
+    w_b = _float(w_b)
+    mag = np.abs(w_b).reshape(-1, w_b.shape[-1])
+    alpha = mag.max(axis=0)
+    if not np.array_equal(mag, np.broadcast_to(alpha, mag.shape)) or not np.all(np.isfinite(alpha)):
+      raise NotExportableError(
+          f"model {model_name!r}, layer {name!r}: kernel quantizer {kernel_quantizer!r} does "
+          "not give +-alpha per output channel (or gives NaN/Inf, e.g. IR-Net on a constant "
+          "filter); only 1-bit kernels pack.")
+    out.append((~np.signbit(w_b), alpha.astype(np.float32)))
+  return out
+
+
+class _Builder:
+  """Accumulates the layer list and its arrays."""
+
+  def __init__(self, model, variables, model_name):
+    self.model = model
+    self.params = variables["params"]
+    self.stats = variables.get("batch_stats", {})
+    self.model_name = model_name
+    self.layers: list[dict] = []
+    self.arrays: dict[str, np.ndarray] = {}
+    self.eps = _eps()
+    self.pending: list[tuple[str, Mapping[str, Any]]] = []
+
+  def finish(self):
+    """Quantizes and packs every binary kernel at once."""
+    if not self.pending:
+      return
+    names = [n for n, _ in self.pending]
+    kernels = binary_kernels([p for _, p in self.pending], self.model.kernel_quantizer, names,
+                             self.model_name)
+    for name, (signs, alpha) in zip(names, kernels):
+      self.arrays[f"{name}/bits"] = infer.pack_bits_np(np.transpose(signs, (0, 1, 3, 2)))
+      self.arrays[f"{name}/alpha"] = alpha
+
+  def _get(self, tree, path):
+    node = tree
+    for p in path.split("/"):
+      if p not in node:
+        raise NotExportableError(f"model {self.model_name!r}: no variables at {path!r} "
+                                 "(checkpoint does not match the model)")
+      node = node[p]
+    return node
+
+  def add(self, op, name, src="x", dst="x", arrays=None, **attrs):
+    layer = {"op": op, "name": name, "src": src, "dst": dst, **attrs}
+    for k, v in (arrays or {}).items():
+      self.arrays[f"{name}/{k}"] = v
+    self.layers.append(layer)
+
+  def bconv(self, path, *, strides, padding, src="x", dst="x"):
+    p = self._get(self.params, path)
+    kh, kw, cin, cout = np.shape(p["kernel"])
+    self.pending.append((path, p))  # bits and alpha: see finish()
+    arrays, attrs = {}, {}
+    if "input_shift" in p:
+      shift = p["input_shift"]
+      if set(shift) != {"fc1", "fc2"}:
+        raise NotExportableError(f"model {self.model_name!r}, layer {path!r}: unknown input "
+                                 f"shift with params {sorted(shift)}; only SD-BNN's ASD packs.")
+      arrays["shift_fc1"] = _float(shift["fc1"]["kernel"])
+      arrays["shift_fc2"] = _float(shift["fc2"]["kernel"])
+      attrs["shift"] = "asd"
+    self.add("bconv", path, src, dst, arrays, cin=int(cin), cout=int(cout),
+             kernel=[int(kh), int(kw)], strides=[strides, strides],
+             padding=[[padding, padding], [padding, padding]], **attrs)
+
+  def conv(self, path, *, strides, padding, src="x", dst="x"):
+    k = _float(self._get(self.params, path)["kernel"])
+    self.add("conv", path, src, dst, {"kernel": k}, strides=[strides, strides],
+             padding=[[padding, padding], [padding, padding]])
+
+  def bn(self, path, src="x", dst=None):
+    p, s = self._get(self.params, path), self._get(self.stats, path)
+    self.add("bn", path, src, src if dst is None else dst,
+             {"mean": _float(s["mean"]), "var": _float(s["var"]),
+              "scale": _float(p["scale"]), "bias": _float(p["bias"])}, eps=self.eps)
+
+  def dense(self, path):
+    p = self._get(self.params, path)
+    arrays = {"kernel": _float(p["kernel"])}
+    if "bias" in p:
+      arrays["bias"] = _float(p["bias"])
+    self.add("dense", path, arrays=arrays, bias="bias" in p)
+
+  def op(self, op, name, src="x", dst=None, **attrs):
+    self.add(op, name, src, src if dst is None else dst, **attrs)
+
+
+def _resnet(b: _Builder, m: resnet.ResNet) -> None:
+  if m.stem not in resnet.STEMS:
+    raise NotExportableError(f"model {b.model_name!r}: unknown stem {m.stem!r}")
+  big = m.stem == "imagenet"
+  b.conv("stem_conv", strides=2 if big else 1, padding=3 if big else 1)
+  b.bn("stem_bn")
+  if m.stem_act:
+    b.op("hardtanh", "stem_act")
+  if big:
+    b.op("max_pool", "stem_pool", window=[3, 3], strides=[2, 2], padding=[[1, 1], [1, 1]])
+  channels = m.widths[0]
+  for s, (blocks, width) in enumerate(zip(m.stage_sizes, m.widths), start=1):
+    for i in range(1, blocks + 1):
+      strides = 2 if (s > 1 and i == 1) else 1
+      name = f"stage{s}_block{i}"
+      if m.block_cls is resnet.BasicBlock:
+        b.bconv(f"{name}/conv1", strides=strides, padding=1, dst="h")
+        b.bn(f"{name}/bn1", "h")
+        b.op("hardtanh", f"{name}/act1", "h")
+        b.bconv(f"{name}/conv2", strides=1, padding=1, src="h", dst="y")
+        b.bn(f"{name}/bn2", "y")
+        sc = _shortcut(b, name, channels, width, strides, m.shortcut)
+        b.op("add", f"{name}/add", "y", "x", src2=sc)
+        b.op("hardtanh", f"{name}/act2")
+      elif m.block_cls is resnet.BiRealBlock:
+        b.bconv(f"{name}/conv1", strides=strides, padding=1, dst="y")
+        sc = _shortcut(b, name, channels, width, strides, m.shortcut)
+        b.bn(f"{name}/bn1", "y")
+        b.op("add", f"{name}/add1", "y", "h", src2=sc)
+        b.op("hardtanh", f"{name}/act1", "h")
+        b.bconv(f"{name}/conv2", strides=1, padding=1, src="h", dst="y")
+        b.bn(f"{name}/bn2", "y")
+        b.op("add", f"{name}/add2", "y", "x", src2="h")
+        b.op("hardtanh", f"{name}/act2")
+      else:
+        raise NotExportableError(
+            f"model {b.model_name!r}: block {getattr(m.block_cls, '__name__', m.block_cls)!r} "
+            "has no packed exporter (BasicBlock and BiRealBlock do).")
+      channels = width
+  b.op("global_avg_pool", "pool")
+  if m.head_bn:
+    b.bn("head_bn")
+  b.dense("fc")
+
+
+def _shortcut(b: _Builder, name: str, cin: int, cout: int, strides: int, kind: str) -> str:
+  """Emits the block's shortcut of register ``x``; returns the register holding it."""
+  if strides == 1 and cin == cout:
+    return "x"
+  if kind == "binary":
+    b.bconv(f"{name}/downsample", strides=strides, padding=0, dst="sc")
+  elif kind == "real":
+    b.conv(f"{name}/downsample", strides=strides, padding=0, dst="sc")
+  elif kind == "avgpool_real":
+    src = "x"
+    if strides != 1:
+      b.op("avg_pool", f"{name}/downsample_pool", "x", "sc", window=[strides, strides],
+           strides=[strides, strides], padding=[[0, 0], [0, 0]])
+      src = "sc"
+    b.conv(f"{name}/downsample", strides=1, padding=0, src=src, dst="sc")
+  elif kind == "option_a":
+    extra = cout - cin
+    b.op("option_a", f"{name}/shortcut", "x", "sc", stride=strides,
+         channel_pad=[extra // 2, extra - extra // 2])
+    return "sc"
+  else:
+    raise NotExportableError(f"model {b.model_name!r}: shortcut {kind!r} has no packed exporter")
+  b.bn(f"{name}/downsample_bn", "sc")
+  return "sc"
+
+
+def _vgg(b: _Builder, m: vgg.VGGSmall) -> None:
+  for i, _ in enumerate(m.widths):
+    if i == 0:
+      b.conv("conv0", strides=1, padding=1)
+    else:
+      b.bconv(f"conv{i}", strides=1, padding=1)
+    if i in m.pool_after:
+      b.op("max_pool", f"pool{i}", window=[2, 2], strides=[2, 2], padding=[[0, 0], [0, 0]])
+    b.bn(f"bn{i}")
+    b.op("hardtanh", f"act{i}")
+  b.op("flatten", "flatten")
+  b.dense("fc")
+
+
+_EXPORTERS = ((resnet.ResNet, _resnet), (vgg.VGGSmall, _vgg))
+
+
+def _exporter(model, model_name):
+  for cls, fn in _EXPORTERS:
+    if isinstance(model, cls):
+      return fn
+  raise NotExportableError(
+      f"model {model_name!r} ({type(model).__name__}) has no packed exporter; supported: "
+      f"{', '.join(c.__name__ for c, _ in _EXPORTERS)}.")
+
+
+def check_exportable(model, model_name: str) -> None:
+  """Raises :class:`NotExportableError` naming the model and the reason."""
+  _exporter(model, model_name)
+  iq, kq = model.input_quantizer, model.kernel_quantizer
+  if binarize.is_identity(iq) and binarize.is_identity(kq):
+    raise NotExportableError(
+        f"model {model_name!r} is full precision (identity quantizers): it has no binary "
+        "layers to pack. Export its binary twin (the name without '_fp').")
+  if binarize.is_identity(iq) or binarize.is_identity(kq):
+    raise NotExportableError(
+        f"model {model_name!r} binarizes only its {'kernels' if binarize.is_identity(iq) else 'inputs'}; "
+        "XNOR-popcount inference needs both weights and activations binary.")
+  if jnp.dtype(model.dtype) != jnp.float32:
+    raise NotExportableError(
+        f"model {model_name!r} computes in {jnp.dtype(model.dtype).name}; export a float32 "
+        "model (--config.model.dtype=float32) so the packed logits can match it.")
+  check_sign_quantizer(iq, model_name)
+
+
+def check_variables(model, variables, input_shape: Sequence[int], model_name: str) -> None:
+  """Raises ``ValueError`` naming the first variable whose path or shape differs from the model's."""
+  x = jnp.zeros((1, *input_shape), jnp.float32)
+  want = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), x)
+  want = {k: want[k] for k in ("params", "batch_stats") if k in want}
+  got = {k: variables[k] for k in want if k in variables}
+  flat_want = {jax.tree_util.keystr(p): v.shape
+               for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+  flat_got = {jax.tree_util.keystr(p): np.shape(v)
+              for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+  missing = sorted(set(flat_want) - set(flat_got))
+  extra = sorted(set(flat_got) - set(flat_want))
+  wrong = sorted(k for k in set(flat_want) & set(flat_got) if tuple(flat_want[k]) != tuple(flat_got[k]))
+  if missing or extra or wrong:
+    parts = []
+    if missing:
+      parts.append(f"missing {missing[:3]}")
+    if extra:
+      parts.append(f"unexpected {extra[:3]}")
+    if wrong:
+      k = wrong[0]
+      parts.append(f"{k} has shape {tuple(flat_got[k])}, the model wants {tuple(flat_want[k])}"
+                   + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    raise ValueError(
+        f"the checkpoint does not match model {model_name!r} with input shape "
+        f"{tuple(input_shape)}: {'; '.join(parts)}. Export with the config the run was "
+        "trained with (its model name, fields and dataset).")
+
+
+def pack_model(model, variables: Mapping[str, Any], *, input_shape: Sequence[int],
+               mean: Sequence[float], std: Sequence[float], model_name: str,
+               num_classes: int | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+  """Packs a trained model.
+
+  Args:
+    model: the Flax module (e.g. ``models.get_model(name, num_classes=...)``).
+    variables: ``{'params': ..., 'batch_stats': ...}``.
+    input_shape: (H, W, C) of one image.
+    mean, std: per-channel normalisation on the 0..1 scale.
+    model_name: the registry name, recorded in the manifest.
+    num_classes: recorded in the manifest (default: the classifier's width).
+
+  Returns:
+    ``(manifest_body, arrays)``: the manifest fields other than the format
+    version, and ``{'<layer>/<key>': np.ndarray}``.
+
+  Raises:
+    NotExportableError: a model without binary layers or with parts the
+      packed format cannot express (the message says which).
+    ValueError: variables that do not match the model.
+  """
+  check_exportable(model, model_name)
+  check_variables(model, variables, input_shape, model_name)
+  b = _Builder(model, variables, model_name)
+  _exporter(model, model_name)(b, model)
+  b.finish()
+  if num_classes is None:
+    num_classes = int(np.shape(variables["params"]["fc"]["kernel"])[-1])
+  channels = int(input_shape[-1])
+  mean = [float(v) for v in np.broadcast_to(np.asarray(mean, np.float64), (channels,))]
+  std = [float(v) for v in np.broadcast_to(np.asarray(std, np.float64), (channels,))]
+  body = {
+      "model_name": model_name,
+      "input_shape": [int(v) for v in input_shape],
+      "input_dtype": "uint8",
+      "mean": mean,
+      "std": std,
+      "num_classes": num_classes,
+      "word_bits": infer.WORD_BITS,
+      "layers": b.layers,
+  }
+  return body, b.arrays
+
+
+def float_size_bytes(variables: Mapping[str, Any]) -> int:
+  """Bytes of the float32 eval variables (params + batch_stats)."""
+  return int(sum(4 * np.size(v) for v in jax.tree.leaves(
+      {k: variables[k] for k in ("params", "batch_stats") if k in variables})))
