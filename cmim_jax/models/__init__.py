@@ -1,5 +1,5 @@
 """Binary networks (CIFAR; ImageNet ``birealnet18``) and their full-precision
-twins, looked up by name.
+twins, registered by name (see :mod:`cmim_jax.models.registry`).
 
 Every model is a Flax module with fields ``num_classes``, ``input_quantizer``,
 ``kernel_quantizer``, ``bn_axis_name`` and ``dtype``, called as
@@ -13,57 +13,32 @@ training must pass ``binarize.ede_schedule(epoch / num_epochs)``.
 Binary layers sow ``'a_F'``/``'a_B'`` into ``'binary_acts'`` (the FP twins sow
 nothing); ``model.init`` returns that collection too: keep only ``params`` and
 ``batch_stats`` from it.
+
+A model of your own: decorate its class or factory with
+``@models.register("my_net")`` in your module, list that module in
+``config.imports`` and set ``config.model.name = "my_net"``;
+``models.from_config(config.model, num_classes=...)`` then sets its fields from
+``config.model`` (README, "Extending").
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
-import flax.linen as nn
-
-from cmim_jax.models import resnet, vgg
+from cmim_jax import layers as _layers
+from cmim_jax.models import registry
+from cmim_jax.models.registry import (config_section, default_model, from_config,
+                                      get_model, import_modules, model_fields, names,
+                                      part_names, register, register_part)
+# Importing the model modules registers their models.
+from cmim_jax.models import resnet, vgg  # noqa: E402  pylint: disable=g-bad-import-order
 from cmim_jax.models.resnet import (BasicBlock, BiRealBlock, BiRealNet18, ResNet, ResNet18,
                                     ResNet20)
 from cmim_jax.models.vgg import VGGSmall
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": resnet.resnet18,
-    "resnet18_fp": resnet.resnet18_fp,
-    "resnet18_realds": resnet.resnet18_realds,
-    "resnet18_realds_fp": resnet.resnet18_realds_fp,
-    "resnet18_sdbnn": resnet.resnet18_sdbnn,
-    "resnet20": resnet.resnet20,
-    "resnet20_fp": resnet.resnet20_fp,
-    "resnet20_sdbnn": resnet.resnet20_sdbnn,
-    "birealnet18": resnet.birealnet18,
-    "birealnet18_fp": resnet.birealnet18_fp,
-    "vgg_small": vgg.vgg_small,
-    "vgg_small_fp": vgg.vgg_small_fp,
-    "vgg_small_sdbnn": vgg.vgg_small_sdbnn,
-}
+register_part("ASD")(_layers.ASD)
 
-MODEL_NAMES = tuple(_MODELS)
+# The built-in models; names() also lists those registered later.
+MODEL_NAMES = names()
 
-
-def get_model(name: str, **kwargs: Any) -> nn.Module:
-  """Builds the model registered as ``name``.
-
-  Args:
-    name: one of ``MODEL_NAMES``.
-    **kwargs: module fields overriding the variant's (``num_classes``,
-      ``input_quantizer``, ``kernel_quantizer``, ``bn_axis_name``, ``dtype``, ...).
-
-  Returns:
-    An unbound ``flax.linen.Module``.
-
-  Raises:
-    ValueError: unknown name (the message lists the known ones).
-  """
-  try:
-    factory = _MODELS[name]
-  except KeyError:
-    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}") from None
-  return factory(**kwargs)
-
-
-__all__ = ["MODEL_NAMES", "get_model", "ResNet", "ResNet18", "ResNet20", "BiRealNet18",
-           "BasicBlock", "BiRealBlock", "VGGSmall"]
+__all__ = ["MODEL_NAMES", "names", "register", "register_part", "part_names", "get_model",
+           "default_model", "model_fields", "from_config", "config_section",
+           "import_modules", "ResNet", "ResNet18", "ResNet20", "BiRealNet18", "BasicBlock",
+           "BiRealBlock", "VGGSmall"]

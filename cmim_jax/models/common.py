@@ -35,7 +35,3 @@ def resolve_schedule(schedule: Optional[Mapping[str, Any]]) -> dict[str, Any]:
   """
   return dict(binarize.DEFAULT_SCHEDULE if schedule is None else schedule)
 
-
-def fp_conv_init():
-  """Kernel init of full-precision convs (PyTorch kaiming_normal_, fan_in)."""
-  return nn.initializers.kaiming_normal()

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from cmim_jax import binarize, layers
-from cmim_jax.models import common
+from cmim_jax.models import common, registry
 
 Array = jax.Array
 ModuleDef = Any
@@ -61,12 +61,12 @@ def _shortcut(x: Array, features: int, strides: int, kind: str, conv: ModuleDef,
     y = conv(features, (1, 1), strides=strides, padding=0, name="downsample")(x, schedule)
   elif kind == "real":
     y = nn.Conv(features, (1, 1), strides=strides, padding=0, use_bias=False,
-                dtype=dtype, kernel_init=common.fp_conv_init(), name="downsample")(x)
+                dtype=dtype, kernel_init=layers.default_kernel_init, name="downsample")(x)
   elif kind == "avgpool_real":
     if strides != 1:
       x = nn.avg_pool(x, (strides, strides), strides=(strides, strides))
     y = nn.Conv(features, (1, 1), padding=0, use_bias=False, dtype=dtype,
-                kernel_init=common.fp_conv_init(), name="downsample")(x)
+                kernel_init=layers.default_kernel_init, name="downsample")(x)
   elif kind == "option_a":
     extra = features - x.shape[-1]
     if extra < 0:
@@ -79,6 +79,7 @@ def _shortcut(x: Array, features: int, strides: int, kind: str, conv: ModuleDef,
   return norm(name="downsample_bn")(y)
 
 
+@registry.register_part("BasicBlock")
 class BasicBlock(nn.Module):
   """ResNet-18 block: ``h = hardtanh(BN(bconv(x)))``,
   ``out = hardtanh(BN(bconv(h)) + shortcut(x))``."""
@@ -101,6 +102,7 @@ class BasicBlock(nn.Module):
     return common.hardtanh(y + sc)
 
 
+@registry.register_part("BiRealBlock")
 class BiRealBlock(nn.Module):
   """ResNet-20 / Bi-Real ResNet-18 block, a real shortcut around each binary conv:
   ``h = hardtanh(BN(bconv(x)) + shortcut(x))``, ``out = hardtanh(BN(bconv(h)) + h)``.
@@ -179,7 +181,7 @@ class ResNet(nn.Module):
     big = self.stem == "imagenet"
     x = nn.Conv(self.widths[0], (7, 7) if big else (3, 3), strides=2 if big else 1,
                 padding=3 if big else 1, use_bias=False, dtype=self.dtype,
-                kernel_init=common.fp_conv_init(), name="stem_conv")(
+                kernel_init=layers.default_kernel_init, name="stem_conv")(
                     jnp.asarray(x, self.dtype))
     x = norm(name="stem_bn")(x)
     if self.stem_act:
@@ -216,14 +218,17 @@ BiRealNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
                                 head_bn=False, num_classes=1000, **_BIREAL)
 
 # CMIM: binary downsample; IR-Net / SD-BNN: FP downsample ("realds").
-resnet18 = ResNet18
-resnet18_fp = functools.partial(ResNet18, **_FP)
-resnet18_realds = functools.partial(ResNet18, shortcut="real")
-resnet18_realds_fp = functools.partial(ResNet18, shortcut="real", **_FP)
-resnet18_sdbnn = functools.partial(ResNet18, shortcut="real", stem_act=True, **_SDBNN)
-resnet20 = ResNet20
-resnet20_fp = functools.partial(ResNet20, **_FP)
-resnet20_sdbnn = functools.partial(ResNet20, **_SDBNN)
+resnet18 = registry.register("resnet18")(ResNet18)
+resnet18_fp = registry.register("resnet18_fp")(functools.partial(ResNet18, **_FP))
+resnet18_realds = registry.register("resnet18_realds")(
+    functools.partial(ResNet18, shortcut="real"))
+resnet18_realds_fp = registry.register("resnet18_realds_fp")(
+    functools.partial(ResNet18, shortcut="real", **_FP))
+resnet18_sdbnn = registry.register("resnet18_sdbnn")(
+    functools.partial(ResNet18, shortcut="real", stem_act=True, **_SDBNN))
+resnet20 = registry.register("resnet20")(ResNet20)
+resnet20_fp = registry.register("resnet20_fp")(functools.partial(ResNet20, **_FP))
+resnet20_sdbnn = registry.register("resnet20_sdbnn")(functools.partial(ResNet20, **_SDBNN))
 # ImageNet Bi-Real ResNet-18.
-birealnet18 = BiRealNet18
-birealnet18_fp = functools.partial(BiRealNet18, **_FP)
+birealnet18 = registry.register("birealnet18")(BiRealNet18)
+birealnet18_fp = registry.register("birealnet18_fp")(functools.partial(BiRealNet18, **_FP))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cmim_jax import binarize, layers
-from cmim_jax.models import common
+from cmim_jax.models import common, registry
 
 Array = jax.Array
 
@@ -55,7 +55,7 @@ class VGGSmall(nn.Module):
     for i, width in enumerate(self.widths):
       if i == 0:
         x = nn.Conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
-                    kernel_init=common.fp_conv_init(), name="conv0")(x)
+                    kernel_init=layers.default_kernel_init, name="conv0")(x)
       else:
         x = layers.BinaryConv(width, (3, 3), padding=1,
                               input_quantizer=self.input_quantizer,
@@ -70,8 +70,9 @@ class VGGSmall(nn.Module):
     return jnp.asarray(x, jnp.float32)
 
 
-vgg_small = VGGSmall
-vgg_small_fp = functools.partial(VGGSmall, input_quantizer="identity",
-                                 kernel_quantizer="identity")
-vgg_small_sdbnn = functools.partial(VGGSmall, kernel_quantizer="wsd_weight",
-                                    input_shift=functools.partial(layers.ASD, reduction=16))
+vgg_small = registry.register("vgg_small")(VGGSmall)
+vgg_small_fp = registry.register("vgg_small_fp")(functools.partial(
+    VGGSmall, input_quantizer="identity", kernel_quantizer="identity"))
+vgg_small_sdbnn = registry.register("vgg_small_sdbnn")(functools.partial(
+    VGGSmall, kernel_quantizer="wsd_weight",
+    input_shift=functools.partial(layers.ASD, reduction=16)))
