@@ -54,7 +54,9 @@ def _quantized_inputs(module: nn.Module, x: Array, schedule: Schedule) -> Array:
   """Input shift (optional), quantization and sowing shared by binary layers."""
   x = jnp.asarray(x, module.dtype)
   if module.input_shift is not None:
-    x = module.input_shift(name="input_shift")(x)
+    # The shift module has its own dtype field (float32 unless the factory sets
+    # it); the conv needs its input in the layer's dtype, like its kernel.
+    x = jnp.asarray(module.input_shift(name="input_shift")(x), module.dtype)
   x_b = binarize.get(module.input_quantizer)(x, **dict(schedule or {}))
   # Full-precision inputs (the FP twins, 1w32a layers) have no binarized
   # activation to contrast, so they sow nothing.

@@ -2,6 +2,7 @@
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -286,3 +287,192 @@ class TrainingBehaviourTest(chex.TestCase):
     chex.assert_trees_all_close(sharded["bn3"]["var"][0], sharded["bn3"]["var"][1])
     self.assertFalse(np.allclose(np.asarray(plain["bn3"]["var"][1]),
                                  np.asarray(plain["bn3"]["var"][0])))
+
+
+# ---------------------------------------------------------------- protocol
+
+
+def tiny_config(name):
+  """A ``config.model`` section shrinking ``name`` to trace fast: 1-2 blocks
+  per stage and 4-32 channels for the ResNets, 4-8 channels for VGG-small.
+  Models of unknown layout keep their defaults."""
+  config = models.config_section()
+  config.name = name
+  model = models.default_model(name)
+  if isinstance(model, models.ResNet):
+    n = len(model.stage_sizes)
+    config.stage_sizes = (2,) + (1,) * (n - 1)  # two blocks in stage 1: names b = 1, 2
+    config.widths = tuple(4 * 2 ** s for s in range(n))
+  elif isinstance(model, models.VGGSmall):
+    config.widths = (4, 4, 8, 8, 8, 8)
+  return config
+
+
+def protocol_input(model):
+  """ImageNet-stem models on one 32x32 image, the CIFAR ones on two 8x8 images."""
+  if getattr(model, "stem", None) == "imagenet":
+    return jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  return jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+
+
+def expected_binary_layers(model):
+  """The sown layer paths CONTRACTS.md names, or None where it names none."""
+  if binarize.is_identity(model.input_quantizer):
+    return set()
+  if isinstance(model, models.ResNet):
+    paths = {f"stage{s}_block{b}/conv{c}" for s, n in enumerate(model.stage_sizes, 1)
+             for b in range(1, n + 1) for c in (1, 2)}
+    if model.shortcut == "binary":
+      paths |= {f"stage{s}_block1/downsample" for s in range(2, len(model.stage_sizes) + 1)}
+    return paths
+  if isinstance(model, models.VGGSmall):
+    return {f"conv{i}" for i in range(1, len(model.widths))}
+  return None
+
+
+class ModelProtocolTest(parameterized.TestCase):
+  """docs/CONTRACTS.md "Models", checked on every registered model by tracing
+  (``jax.eval_shape``: nothing is compiled)."""
+
+  @parameterized.parameters(*models.names())
+  def test_protocol(self, name):
+    model = models.from_config(tiny_config(name), num_classes=3)
+    x = protocol_input(model)
+    b = x.shape[0]
+    variables = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
+    self.assertContainsSubset({"params", "batch_stats"}, set(variables))
+    variables = {k: variables[k] for k in ("params", "batch_stats")}
+    schedule = {"k": jax.ShapeDtypeStruct((), jnp.float32),
+                "t": jax.ShapeDtypeStruct((), jnp.float32)}
+
+    # train= and schedule= accepted; logits float32 [B, num_classes].
+    def train_apply(m, v, x, s):
+      return m.apply(v, x, train=True, schedule=s,
+                     mutable=["batch_stats", layers.BINARY_ACTS])
+
+    logits, state = jax.eval_shape(functools.partial(train_apply, model), variables, x, schedule)
+    chex.assert_shape(logits, (b, 3))
+    chex.assert_type(logits, jnp.float32)
+    self.assertEqual(jax.tree.structure(state["batch_stats"]),
+                     jax.tree.structure(variables["batch_stats"]))
+
+    # clone(bn_axis_name=) works and binds BatchNorm to the named batch axis.
+    sharded = model.clone(bn_axis_name="data")
+    self.assertEqual((sharded.bn_axis_name, model.bn_axis_name), ("data", None))
+    per_device = jax.ShapeDtypeStruct((2,) + x.shape, x.dtype)
+    out, _ = jax.eval_shape(jax.vmap(functools.partial(train_apply, sharded),
+                                     in_axes=(None, 0, None), axis_name="data"),
+                            variables, per_device, schedule)
+    chex.assert_shape(out, (2, b, 3))
+    if jax.tree.leaves(variables["batch_stats"]):
+      with pytest.raises(NameError, match="data"):  # unbound axis: it is really used
+        jax.eval_shape(functools.partial(train_apply, sharded), variables, x, schedule)
+
+    # Sown taps: a_F and a_B at each binary layer, the same shape and dtype.
+    sown = traverse_util.flatten_dict(dict(state.get(layers.BINARY_ACTS, {})), sep="/")
+    by_layer = {}
+    for path, value in sown.items():
+      layer, leaf = path.rsplit("/", 1)
+      by_layer.setdefault(layer, {})[leaf] = value
+    for layer, leaves in by_layer.items():
+      self.assertEqual(set(leaves), {"a_F", "a_B"}, layer)
+      (a_f,), (a_b,) = leaves["a_F"], leaves["a_B"]
+      self.assertEqual((a_f.shape, a_f.dtype), (a_b.shape, a_b.dtype), layer)
+      self.assertEqual(a_f.shape[0], b, layer)
+    expected = expected_binary_layers(model)
+    if expected is not None:
+      self.assertEqual(set(by_layer), expected)
+    self.assertEqual(bool(by_layer), not binarize.is_identity(model.input_quantizer))
+
+  @parameterized.parameters(*models.names())
+  def test_unset_config_keeps_the_models_defaults(self, name):
+    config = models.config_section()
+    config.name = name
+    self.assertEqual(models.from_config(config, num_classes=5, bn_axis_name="data"),
+                     models.get_model(name, num_classes=5, bn_axis_name="data"))
+
+
+class FromConfigTest(parameterized.TestCase):
+
+  def config(self, name, **fields):
+    config = models.config_section()
+    config.name = name
+    for key, value in fields.items():
+      config[key] = value
+    return config
+
+  def test_every_field_settable(self):
+    model = models.from_config(self.config(
+        "resnet20", stage_sizes=[1, 2], widths=(8, 16), block_cls="BasicBlock",
+        shortcut="real", stem="imagenet", stem_act=False, head_bn=False,
+        input_quantizer="ste_sign(clip=1.5)", kernel_quantizer="xnor_weight",
+        input_shift="ASD(reduction=4)", dtype="bfloat16"), num_classes=7)
+    self.assertEqual(
+        (model.stage_sizes, model.widths, model.block_cls, model.shortcut, model.stem,
+         model.stem_act, model.head_bn, model.input_quantizer, model.kernel_quantizer,
+         model.input_shift.keywords, model.dtype, model.num_classes),
+        ((1, 2), (8, 16), models.BasicBlock, "real", "imagenet", False, False,
+         "ste_sign(clip=1.5)", "xnor_weight", {"reduction": 4}, jnp.bfloat16, 7))
+    # The fields reached the layers: the 'real' shortcut has an FP 1x1 conv with
+    # no quantizer state, ASD shifts inputs, and 8 -> 16 channels.
+    params = jax.eval_shape(lambda x: model.init(KEY, x, train=False),
+                            jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32))["params"]
+    block = params["stage2_block1"]
+    chex.assert_shape(block["downsample"]["kernel"], (1, 1, 8, 16))
+    self.assertIn("input_shift", block["conv1"])
+    self.assertIn("stage2_block2", params)
+    self.assertNotIn("stage1_block2", params)
+    self.assertNotIn("head_bn", params)
+    self.assertIsNone(models.from_config(self.config("vgg_small_sdbnn", input_shift="none"),
+                                         num_classes=10).input_shift)
+
+  def test_inapplicable_field_names_field_and_model(self):
+    with pytest.raises(ValueError, match=r"config.model.stage_sizes=\(1, 1\) does not apply "
+                       r"to model 'vgg_small' \(VGGSmall\).*its fields: .*pool_after.*widths"):
+      models.from_config(self.config("vgg_small", stage_sizes=(1, 1)), num_classes=10)
+    with pytest.raises(ValueError, match="config.model.foo=1 .*'resnet20'"):
+      models.from_config({"name": "resnet20", "foo": 1}, num_classes=10)
+
+  @parameterized.parameters(
+      (dict(stem_act=1), "stem_act=1.*expected a bool"),
+      (dict(widths=16), "widths=16.*expected a tuple"),
+      (dict(block_cls="Bottleneck"), "unknown part 'Bottleneck'.*BasicBlock, BiRealBlock"),
+      (dict(dtype="float33"), "not a dtype name"),
+      (dict(input_quantizer="ste_sign(clp=2)"), "no option 'clp'.*clip=1.0"),
+      (dict(num_classes=3), "num_classes is set by the trainer"),
+  )
+  def test_bad_values(self, fields, message):
+    with pytest.raises(ValueError, match=message):
+      models.from_config({"name": "resnet20", **fields}, num_classes=10)
+
+  def test_unknown_model_and_placeholder_types(self):
+    with pytest.raises(ValueError, match="unknown model 'resnet19'.*resnet18.*config.imports"):
+      models.from_config({"name": "resnet19"}, num_classes=10)
+    config = models.config_section()
+    with pytest.raises(TypeError):  # typed placeholders catch CLI type slips
+      config.stem_act = "yes"
+    config.widths = [4, 8]
+    self.assertEqual(config.widths, (4, 8))
+
+  def test_register_and_import(self):
+    self.assertNotIn("tiny_user_net", models.names())
+    try:
+      @models.register("tiny_user_net")
+      class TinyUserNet(nn.Module):  # pylint: disable=unused-variable
+        num_classes: int = 10
+        bn_axis_name: str | None = None
+        hidden: int = 4
+
+        @nn.compact
+        def __call__(self, x, *, train, schedule=None):
+          return nn.Dense(self.num_classes)(nn.Dense(self.hidden)(x.reshape(len(x), -1)))
+
+      with pytest.raises(ValueError, match="already registered"):
+        models.register("tiny_user_net")(TinyUserNet)
+      self.assertIn("hidden", models.config_section())
+      model = models.from_config({"name": "tiny_user_net", "hidden": 6}, num_classes=3)
+      self.assertEqual((model.hidden, model.num_classes), (6, 3))
+    finally:
+      models.registry._MODELS.pop("tiny_user_net", None)  # pylint: disable=protected-access
+    with pytest.raises(ImportError, match="config.imports: cannot import 'no_such_mod_xyz'"):
+      models.import_modules("json, no_such_mod_xyz")
