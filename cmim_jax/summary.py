@@ -3,9 +3,15 @@
 Per layer (every module owning parameters directly): parameter count, bits per
 kernel weight (1 for a binarized kernel, 32 otherwise), binary and real
 multiply-accumulates per example, and memory as float32 and as deployed with
-1-bit kernels packed 8 to a byte. A MAC is binary when both the input and the
-kernel of a binary layer are binarized (neither quantizer is ``'identity'``).
-BatchNorm running statistics count as 32-bit non-trainable parameters.
+1-bit kernels packed 8 to a byte. BatchNorm running statistics count as 32-bit
+non-trainable parameters.
+
+Which layers are binary is read from what they do, not from their class, so a
+user's own layers and quantizers count: a layer's ``kernel`` is 1-bit when the
+layer has a ``kernel_quantizer`` field that is not ``'identity'``; its inputs
+are binary when it sows into ``'binary_acts'`` (the CMIM taps, see
+``docs/CONTRACTS.md``) or has an ``input_quantizer`` field that is not
+``'identity'``. A MAC is binary when both its input and its kernel are.
 
 Shapes come from ``jax.eval_shape`` of ``model.init`` with a method interceptor
 recording each module's output shape: nothing is computed or allocated.
@@ -87,6 +93,12 @@ def _own_leaves(tree: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in tree.items() if not isinstance(v, Mapping)}
 
 
+def _quantizes(module: nn.Module, field: str) -> bool:
+  """Whether ``module.<field>`` is a quantizer other than ``'identity'``."""
+  q = getattr(module, field, None)
+  return q is not None and not binarize.is_identity(q)
+
+
 def _record_calls(model: nn.Module, x: Any, call_kwargs: Mapping[str, Any]):
   calls = []
 
@@ -124,6 +136,7 @@ def summarize(model: nn.Module, x: Any, **call_kwargs: Any) -> ModelSummary:
   """
   variables, calls = _record_calls(model, x, call_kwargs)
   params, stats = variables.get("params", {}), variables.get("batch_stats", {})
+  sown = variables.get(layers.BINARY_ACTS, {})
   rows, seen = [], set()
   for path, module, out_shape in calls:
     own = _own_leaves(_subtree(params, path))
@@ -134,9 +147,9 @@ def summarize(model: nn.Module, x: Any, **call_kwargs: Any) -> ModelSummary:
     n_params = sum(math.prod(v.shape) for v in own.values())
     n_stats = sum(math.prod(v.shape) for v in own_stats.values())
     kernel = own.get("kernel")
-    binary_layer = isinstance(module, (layers.BinaryConv, layers.BinaryDense))
-    kernel_binary = binary_layer and not binarize.is_identity(module.kernel_quantizer)
-    input_binary = binary_layer and not binarize.is_identity(module.input_quantizer)
+    kernel_binary = kernel is not None and _quantizes(module, "kernel_quantizer")
+    input_binary = bool(_own_leaves(_subtree(sown, path))) or _quantizes(
+        module, "input_quantizer")
     kernel_bits = None if kernel is None else (1 if kernel_binary else FLOAT_BITS)
     binary_params = math.prod(kernel.shape) if kernel_binary else 0
     # Per output position a conv does kernel.size MACs; a dense layer has one.

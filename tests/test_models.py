@@ -132,8 +132,15 @@ def forward(model, variables, x, schedule=None):
 
 class ModelShapeTest(parameterized.TestCase):
 
-  def test_resnet18_is_about_11_2m(self):
-    self.assertEqual(RESNET18, 11_174_986)
+  def test_hand_counts_match_published_cifar_resnets(self):
+    """The hand counts against counts published for the same layouts by others.
+
+    kuangliu/pytorch-cifar's ResNet18 (same convs, BNs and fc, no head BN) has
+    11,173,962 parameters; akamaster/pytorch_resnet_cifar10's resnet20 (option-A
+    shortcuts, no head BN) has 269,722. Ours add the head BN's scale and bias.
+    """
+    self.assertEqual(RESNET18 - bn(512), 11_173_962)
+    self.assertEqual(RESNET20 - bn(64), 269_722)
 
   @parameterized.parameters(*models.MODEL_NAMES)
   def test_param_count(self, name):

@@ -1,9 +1,14 @@
-"""Tests for cmim_jax.summary against hand counts."""
+"""Tests for cmim_jax.summary against hand counts and the PyTorch twin's counts."""
+import os
+import sys
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import pytest
 from absl.testing import parameterized
 
-from cmim_jax import layers, models, summary
+from cmim_jax import binarize, layers, models, summary
 
 X = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
 
@@ -32,7 +37,6 @@ class SummaryTest(parameterized.TestCase):
 
   def test_resnet18_hand_count(self):
     s = self.r18
-    self.assertEqual(BINARY_PARAMS, 11_157_504)
     self.assertEqual(s.total("params"), BINARY_PARAMS + REAL_PARAMS)
     self.assertEqual(s.total("batch_stats"), 2 * BN_CHANNELS)
     self.assertEqual(s.total("binary_params"), BINARY_PARAMS)
@@ -98,3 +102,92 @@ class SummaryTest(parameterized.TestCase):
     self.assertIn(f"{s.total('binary_macs'):,}", text)
     self.assertIn(f"{s.memory_saving:.2f}x smaller", text)
     self.assertEqual(text, summary.format_summary(s))
+
+
+def torch_twin_counts(name):
+  """Counts of the PyTorch twin (bench/torch_bnn.py), an independent build of
+  the same network: parameters and BN buffers from torch, MACs from forward
+  hooks (output positions x weight size for every conv, in x out for linear)."""
+  torch = pytest.importorskip("torch")
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "bench"))
+  import torch_bnn  # pylint: disable=g-import-not-at-top
+  net = torch_bnn.get_model(name).eval()
+  counts = dict(params=torch_bnn.num_params(net), binary_params=0, batch_stats=0,
+                binary_macs=0, real_macs=0)
+  for m in net.modules():
+    if isinstance(m, torch_bnn.BinaryConv2d):
+      counts["binary_params"] += m.weight.numel()
+    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):  # pylint: disable=protected-access
+      counts["batch_stats"] += m.running_mean.numel() + m.running_var.numel()
+
+  def hook(m, _, out):
+    positions = out[0, 0].numel() if out.ndim == 4 else 1
+    key = "binary_macs" if isinstance(m, torch_bnn.BinaryConv2d) else "real_macs"
+    counts[key] += positions * m.weight.numel()
+
+  handles = [m.register_forward_hook(hook) for m in net.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+  with torch.no_grad():
+    net(torch.zeros(1, 3, 32, 32))
+  for h in handles:
+    h.remove()
+  return counts
+
+
+class TorchTwinTest(parameterized.TestCase):
+
+  @parameterized.parameters("resnet18", "resnet20")
+  def test_totals_match_the_torch_twin(self, name):
+    s = summary.summarize(models.get_model(name), X, train=False)
+    want = torch_twin_counts(name)
+    self.assertEqual({k: s.total(k) for k in want}, want)
+    self.assertGreater(want["binary_macs"], 0)
+
+
+class UserLayerTest(parameterized.TestCase):
+  """A user's own quantizer and binary layer count as binary."""
+
+  def setUp(self):
+    super().setUp()
+
+    @binarize.register("user_sign_for_summary")
+    def user_sign(w, scale=1.0):
+      return scale * binarize.sign(w)
+
+    self.addCleanup(binarize._REGISTRY.pop, "user_sign_for_summary")  # pylint: disable=protected-access
+
+  def test_user_layers(self):
+
+    class SowingDense(nn.Module):
+      """Binary inputs (it sows the taps), kernel quantized by a user quantizer."""
+      features: int
+      kernel_quantizer: str = "user_sign_for_summary(scale=0.5)"
+      sow_taps: bool = True
+
+      @nn.compact
+      def __call__(self, x):
+        w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        x_b = binarize.sign(x)
+        if self.sow_taps:
+          self.sow(layers.BINARY_ACTS, "a_F", x)
+          self.sow(layers.BINARY_ACTS, "a_B", x_b)
+        return x_b @ binarize.get(self.kernel_quantizer)(w)
+
+    class Net(nn.Module):
+
+      @nn.compact
+      def __call__(self, x):
+        x = SowingDense(6, name="both")(x)                                 # binary x binary
+        x = SowingDense(5, kernel_quantizer="identity", name="inputs_only")(x)
+        x = SowingDense(4, sow_taps=False, name="kernel_only")(x)           # 1-bit weights
+        return nn.Dense(3, name="fc")(x)
+
+    rows = {r.path: r for r in summary.summarize(
+        Net(), jax.ShapeDtypeStruct((2, 7), jnp.float32)).layers}
+    self.assertEqual(
+        {p: (r.kernel_bits, r.binary_params, r.binary_macs, r.real_macs)
+         for p, r in rows.items()},
+        {"both": (1, 7 * 6, 7 * 6, 0), "inputs_only": (32, 0, 0, 6 * 5),
+         "kernel_only": (1, 5 * 4, 0, 5 * 4), "fc": (32, 0, 0, 4 * 3)})
+    self.assertEqual(rows["fc"].params, 4 * 3 + 3)
