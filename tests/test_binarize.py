@@ -357,3 +357,76 @@ class RegistryTest(parameterized.TestCase):
   def test_register_rejects_duplicates(self):
     with pytest.raises(ValueError, match="already registered"):
       binarize.register(binarize.Quantizer("ste_sign", binarize.ste_sign))
+
+
+# ---------------------------------------------------------------- identifiers
+
+
+class IdentifierTest(parameterized.TestCase):
+
+  @parameterized.parameters(("ste_sign(clip=1.5)", 1.5), ("ste_sign(clip=1)", 1.0),
+                            ("ste_sign", 1.0), (" ste_sign ( clip = 0.5 ) ", 0.5))
+  def test_ste_clip_reaches_the_gradient(self, identifier, clip):
+    g = grad_of(binarize.get(identifier), jnp.asarray(POINTS))
+    np.testing.assert_array_equal(np.asarray(g), ref_ste(POINTS, clip))
+
+  def test_ste_mask_at_1_2(self):
+    x = jnp.float32(1.2)
+    self.assertEqual(float(jax.grad(binarize.get("ste_sign(clip=1.5)"))(x)), 1.0)
+    self.assertEqual(float(jax.grad(binarize.get("ste_sign(clip=1.0)"))(x)), 0.0)
+
+  def test_swish_beta_reaches_the_gradient(self):
+    g = grad_of(binarize.get("swish_sign(beta=10)"), jnp.asarray(POINTS))
+    np.testing.assert_allclose(np.asarray(g), ref_swish(POINTS, 10.0), rtol=1e-5, atol=1e-6)
+    self.assertFalse(np.allclose(np.asarray(g), ref_swish(POINTS, 5.0), atol=1e-3))
+
+  def test_identifier_round_trip_and_hashable(self):
+    q = binarize.get("swish_sign(beta=10)")
+    self.assertEqual(q.identifier, "swish_sign(beta=10.0)")
+    self.assertEqual(binarize.get(q.identifier), q)
+    self.assertEqual(hash(q), hash(binarize.get("swish_sign(beta=10.0)")))
+    self.assertFalse(binarize.is_identity("ste_sign(clip=2)"))
+
+  @parameterized.parameters(
+      ("sgn(clip=1)", "unknown quantizer 'sgn'.*ste_sign"),
+      ("ste_sign(clp=1.5)", "'ste_sign' has no option 'clp'; it accepts: clip=1.0"),
+      ("swish_sign(clip=1.5)", "'swish_sign' has no option 'clip'; it accepts: beta=5.0"),
+      ("ede_sign(t=2.0)", "'ede_sign' has no option 't'; it accepts: none.*t come from "
+       "the training schedule"),
+      ("ste_sign(clip=)", "cannot parse quantizer 'ste_sign\\(clip=\\)'"),
+      ("ste_sign(1.5)", "positional arguments are not accepted"),
+      ("ste_sign(clip=x)", "'clip' is not a literal"),
+      ("ste_sign(clip='wide')", "clip='wide' should be a float"),
+      ("ste_sign.clip", "cannot parse quantizer"),
+  )
+  def test_bad_identifiers(self, identifier, message):
+    with pytest.raises(ValueError, match=message):
+      binarize.get(identifier)
+
+  def test_register_decorator_with_options_and_schedule(self):
+    @binarize.register("scaled_ede_for_test", schedule_keys=("k", "t"))
+    def scaled_ede(x, k, t, scale=1.0):
+      return scale * binarize.ede_sign(x, k, t)
+
+    @binarize.register
+    def plain_sign_for_test(x, gain=2.0):
+      return gain * binarize.sign(x)
+
+    try:
+      self.assertTrue(callable(scaled_ede))  # the decorator returns the function
+      x = jnp.asarray(POINTS)
+      q = binarize.get("scaled_ede_for_test(scale=3)")
+      np.testing.assert_array_equal(np.asarray(q(x, k=2.0, t=0.5)), 3.0 * np_sign(POINTS))
+      np.testing.assert_allclose(np.asarray(grad_of(lambda v: q(v, k=2.0, t=0.5), x)),
+                                 3.0 * ref_ede(POINTS, 2.0, 0.5), rtol=1e-6)
+      np.testing.assert_array_equal(
+          np.asarray(binarize.get("plain_sign_for_test")(x)), 2.0 * np_sign(POINTS))
+      with pytest.raises(ValueError, match="accepts: gain=2.0"):
+        binarize.get("plain_sign_for_test(scale=1.0)")
+      with pytest.raises(ValueError, match="already registered"):
+        binarize.register("plain_sign_for_test")(plain_sign_for_test)
+      with pytest.raises(ValueError, match="must be a Python identifier"):
+        binarize.register("my-sign")(plain_sign_for_test)
+    finally:
+      for name in ("scaled_ede_for_test", "plain_sign_for_test"):
+        binarize._REGISTRY.pop(name, None)  # pylint: disable=protected-access
