@@ -85,12 +85,30 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   config.data = data_config()
 
+  # Modules imported before the model is built: they may register models,
+  # quantizers and parts of your own (README, "Extending").
+  config.imports = ()
+
+  # The model: a registered name (cmim_jax.models.names(); '*_fp' = real twin)
+  # and one key per model field (models.from_config). None keeps the model's
+  # default; a key the chosen model has no field for is an error. Written out
+  # (not models.config_section()) so that reading a config imports no JAX;
+  # tests/test_extending.py checks the two agree.
+  placeholder = ml_collections.config_dict.placeholder
   config.model = ml_collections.ConfigDict()
-  config.model.name = "resnet18"  # cmim_jax.models.get_model name ('*_fp' = real twin).
-  config.model.input_quantizer = ""  # '' = the model's default (IR-Net 'ede_sign').
-  config.model.kernel_quantizer = ""  # '' = the model's default ('irnet_weight').
-  config.model.dtype = "float32"  # Computation dtype (bfloat16 on TPU).
-  config.model.stage_sizes = ()  # ResNets: blocks per stage; () = the model's own.
+  config.model.name = "resnet18"
+  config.model.input_quantizer = placeholder(str)  # e.g. 'ede_sign', 'ste_sign(clip=1.5)'.
+  config.model.kernel_quantizer = placeholder(str)  # e.g. 'irnet_weight', 'xnor_weight'.
+  config.model.dtype = placeholder(str)  # Computation dtype: 'bfloat16' on TPU.
+  config.model.stage_sizes = placeholder(tuple)  # ResNets: blocks per stage.
+  config.model.widths = placeholder(tuple)  # Channels per stage (VGG-small: per conv).
+  config.model.block_cls = placeholder(str)  # ResNets: 'BasicBlock' | 'BiRealBlock'.
+  config.model.shortcut = placeholder(str)  # binary | real | option_a | avgpool_real.
+  config.model.stem = placeholder(str)  # cifar | imagenet.
+  config.model.stem_act = placeholder(bool)  # hardtanh after the stem BN.
+  config.model.head_bn = placeholder(bool)  # BN before the classifier.
+  config.model.input_shift = placeholder(str)  # 'ASD(reduction=16)' (SD-BNN) | 'none'.
+  config.model.pool_after = placeholder(tuple)  # VGG-small: convs followed by a max pool.
 
   # IR-Net error-decay estimator: t = t_min * 10^(e/E log10(t_max/t_min)),
   # k = max(1/t, 1), with e the epoch and E the number of epochs; the step

@@ -149,23 +149,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   Parallel(config.parallel)  # validates the mode
 
 
-def _model_kwargs(config) -> dict:
-  kwargs = {}
-  for key in ("input_quantizer", "kernel_quantizer"):
-    if config.model[key]:
-      kwargs[key] = config.model[key]
-  if config.model.stage_sizes:
-    kwargs["stage_sizes"] = tuple(config.model.stage_sizes)
-  if config.model.dtype != "float32":
-    kwargs["dtype"] = jnp.dtype(config.model.dtype)
-  return kwargs
-
-
 def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
                steps_per_epoch: int) -> Task:
   """Model, heads (CMIM taps chosen from the model's binary layers), optimizer."""
-  model = models.get_model(config.model.name, num_classes=info.num_classes,
-                           bn_axis_name=AXIS, **_model_kwargs(config))
+  models.import_modules(config.imports)
+  model = models.from_config(config.model, num_classes=info.num_classes, bn_axis_name=AXIS)
   heads = None
   if config.cmim.weight > 0:
     x = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
