@@ -17,7 +17,6 @@ Command line: ``python -m cmim_jax.export --workdir runs/x --out model.cmimbnn``
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -125,40 +124,18 @@ def save(path: str, model, variables: Mapping[str, Any], *, model_name: str,
 def load_run_config(workdir: str):
   """The config a run was trained with (``WORKDIR/config.json``)."""
   from cmim_jax import train
-  if hasattr(train, "load_run_config"):
-    try:
-      return train.load_run_config(workdir)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"{e} Or pass the config the run was trained with: --config "
-                              "configs/FILE.py (plus the same --config.x overrides).") from e
-  # Until train.load_run_config exists: the same file, read directly.
-  import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"{path} does not exist: the run's config is unknown. Pass the config the run was "
-        "trained with: --config configs/FILE.py (plus the same --config.x overrides).")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    return train.load_run_config(workdir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e} Or pass the config the run was trained with: --config "
+                            "configs/FILE.py (plus the same --config.x overrides).") from e
 
 
 def build_model(config, num_classes: int):
   """The model a config describes (eval only: no cross-device BatchNorm)."""
   from cmim_jax import models
-  if hasattr(models, "from_config"):
-    return models.from_config(config.model, num_classes=num_classes, bn_axis_name=None)
-  kwargs = {}
-  for key in ("input_quantizer", "kernel_quantizer"):
-    if config.model.get(key):
-      kwargs[key] = config.model[key]
-  if config.model.get("stage_sizes"):
-    kwargs["stage_sizes"] = tuple(config.model.stage_sizes)
-  if config.model.get("dtype") and config.model.dtype != "float32":
-    kwargs["dtype"] = jnp.dtype(config.model.dtype)
-  try:
-    return models.get_model(config.model.name, num_classes=num_classes, **kwargs)
-  except TypeError as e:  # A config field the model does not have.
-    raise ValueError(f"config.model does not fit model {config.model.name!r}: {e}") from e
+  models.import_modules(config.imports)
+  return models.from_config(config.model, num_classes=num_classes, bn_axis_name=None)
 
 
 def data_facts(config, image_shape: Sequence[int] | None = None
