@@ -151,7 +151,7 @@ def data_facts(config, image_shape: Sequence[int] | None = None
   if image_shape is not None:
     shape = tuple(int(v) for v in image_shape)
   elif spec.crop == "resized_crop":
-    size = config.data.get("image_size", 0) or 224
+    size = config.data.image_size or 224
     shape = (size, size, 3)
   elif spec.image_shape is not None:
     shape = tuple(spec.image_shape)
@@ -159,8 +159,8 @@ def data_facts(config, image_shape: Sequence[int] | None = None
     raise ValueError(f"the image shape of dataset {config.data.name!r} is not known without "
                      "reading it; pass --image_shape H,W,C.")
   c = shape[-1]
-  mean = tuple(config.data.get("mean", ()) or ()) or spec.mean or (catalogue.DEFAULT_MEAN,) * c
-  std = tuple(config.data.get("std", ()) or ()) or spec.std or (catalogue.DEFAULT_STD,) * c
+  mean = tuple(config.data.mean) or spec.mean or (catalogue.DEFAULT_MEAN,) * c
+  std = tuple(config.data.std) or spec.std or (catalogue.DEFAULT_STD,) * c
   return shape, tuple(mean), tuple(std)
 
 
