@@ -1,0 +1,114 @@
+"""CIFAR archive download against a local HTTP server: good, bad checksum, connection cut."""
+
+import hashlib
+import http.server
+import io
+import os
+import threading
+
+import pytest
+
+from cmim_jax.data import download
+
+PAYLOAD = os.urandom(300_000)
+MD5 = hashlib.md5(PAYLOAD).hexdigest()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+  requests = []
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    Handler.requests.append(self.path)
+    if self.path.endswith("missing.tar.gz"):
+      self.send_error(404)
+      return
+    self.send_response(200)
+    self.send_header("Content-Length", str(len(PAYLOAD)))
+    self.end_headers()
+    if "cut" in self.path:
+      # Half the bytes, then the connection drops (a proxy timeout, a reset).
+      self.wfile.write(PAYLOAD[:len(PAYLOAD) // 2])
+      self.wfile.flush()
+      self.close_connection = True
+      return
+    self.wfile.write(PAYLOAD)
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture(scope="module")
+def server():
+  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  yield f"http://127.0.0.1:{httpd.server_address[1]}"
+  httpd.shutdown()
+  httpd.server_close()
+
+
+def only_the_archive(directory, name):
+  assert sorted(os.listdir(directory)) == [name], "a temporary file was left behind"
+
+
+def test_good_checksum_lands_atomically(server, tmp_path, capsys):
+  dest = tmp_path / "cache" / "cifar-10-python.tar.gz"
+  out = download.fetch(f"{server}/cifar-10-python.tar.gz", str(dest), md5=MD5)
+  assert out == str(dest) and dest.read_bytes() == PAYLOAD
+  only_the_archive(dest.parent, dest.name)
+  progress = capsys.readouterr().err
+  assert "Downloading cifar-10-python.tar.gz" in progress and "100.0%" in progress
+
+
+def test_bad_checksum_keeps_nothing(server, tmp_path):
+  dest = tmp_path / "cifar-10-python.tar.gz"
+  with pytest.raises(download.DownloadError, match=f"not the published {'0' * 32}"):
+    download.fetch(f"{server}/cifar-10-python.tar.gz", str(dest), md5="0" * 32, progress=False)
+  assert os.listdir(tmp_path) == []
+
+
+def test_connection_cut_half_way_keeps_nothing(server, tmp_path):
+  dest = tmp_path / "cifar-10-python.tar.gz"
+  with pytest.raises(download.DownloadError, match="stopped after"):
+    download.fetch(f"{server}/cut/cifar-10-python.tar.gz", str(dest), md5=MD5, progress=False)
+  assert os.listdir(tmp_path) == []
+  # The next run downloads it again, whole.
+  download.fetch(f"{server}/cifar-10-python.tar.gz", str(dest), md5=MD5, progress=False)
+  assert dest.read_bytes() == PAYLOAD
+
+
+def test_unreachable_server_or_missing_file_is_one_clear_error(server, tmp_path):
+  dest = tmp_path / "x.tar.gz"
+  with pytest.raises(download.DownloadError, match="could not download http://127.0.0.1:9/"):
+    download.fetch("http://127.0.0.1:9/x.tar.gz", str(dest), md5=MD5, timeout=5)
+  with pytest.raises(download.DownloadError, match="missing.tar.gz: Not Found"):
+    download.fetch(f"{server}/missing.tar.gz", str(dest), md5=MD5)
+  assert os.listdir(tmp_path) == []
+
+
+def test_ensure_cifar_uses_the_mirror_and_the_cache(server, tmp_path, monkeypatch):
+  monkeypatch.setenv(download.MIRROR_ENV, server + "/")
+  monkeypatch.setitem(download.ARCHIVES, "cifar10",
+                      download.Archive("cifar-10-python.tar.gz", MD5, len(PAYLOAD)))
+  Handler.requests.clear()
+  path = download.ensure_cifar("cifar10", str(tmp_path))
+  assert path == str(tmp_path / "cifar-10-python.tar.gz") and Handler.requests == [
+      "/cifar-10-python.tar.gz"]
+  assert download.ensure_cifar("cifar10", str(tmp_path)) == path
+  assert len(Handler.requests) == 1  # the cached archive is reused
+
+
+def test_published_checksums_are_the_real_ones():
+  assert download.ARCHIVES["cifar10"].md5 == "c58f30108f718f92721af3b95e74349a"
+  assert download.ARCHIVES["cifar100"].md5 == "eb9058c3a382ffc7106e4002c42a8d85"
+  assert download.url_for("cifar100") == "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+
+
+def test_progress_without_a_terminal_logs_every_tenth():
+  stream = io.StringIO()
+  bar = download._Progress("Downloading x", 1000, stream=stream)  # pylint: disable=protected-access
+  for done in range(0, 1001, 10):
+    bar.update(done)
+  bar.update(1000, final=True)
+  lines = stream.getvalue().splitlines()
+  assert 11 <= len(lines) <= 12 and lines[-1].startswith("Downloading x: [#")
