@@ -49,6 +49,12 @@ class Checkpointer:
         max_to_keep=keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # Orbax scans for stale temporary directories in a background thread; a
+    # run that stops right away (eval without a checkpoint, a config error)
+    # would otherwise exit under that thread and print its traceback.
+    settle = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+    if settle is not None:
+      settle()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

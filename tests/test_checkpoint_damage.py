@@ -131,3 +131,25 @@ def test_damaged_restore_in_a_fresh_process_has_no_traceback(tmp_path):
   assert "restored 2.0" in r.stdout
   assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr
   assert "Checkpoint step 3" in r.stderr
+
+
+EMPTY_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from cmim_jax import checkpointing
+    try:
+      checkpointing.Checkpointer(sys.argv[1]).restore({"w": np.zeros(3)})
+    except FileNotFoundError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+""")
+
+
+def test_no_checkpoint_exits_without_a_thread_traceback(tmp_path):
+  """`--mode eval` on an empty workdir: the clear line, then nothing from orbax's threads."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", EMPTY_CHILD, str(tmp_path)], env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines()[-1].startswith("error: no checkpoint in "), r.stderr
+  assert "Traceback" not in r.stderr, r.stderr
