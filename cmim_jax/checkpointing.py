@@ -15,6 +15,7 @@ The workdir may be remote (``gs://``, see :mod:`cmim_jax.paths`).
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -36,6 +37,30 @@ def _reason(e: BaseException) -> str:
   text = str(e).strip().splitlines()[0] if str(e).strip() else ""
   text = f"{type(e).__name__}: {text}" if text else type(e).__name__
   return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops the "Event loop is closed" errors of reads cancelled by a failed restore.
+
+  When one array of a checkpoint fails to read, orbax closes its event loop
+  while tensorstore still completes the other reads; each completion then
+  reports ``RuntimeError('Event loop is closed')`` through
+  ``sys.unraisablehook``, one traceback per array. They say nothing about the
+  damage, which the warning already names; every other unraisable error
+  still reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_cmim_jax_filter", False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and (
+        str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous(unraisable)
+
+  hook._cmim_jax_filter = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -76,6 +101,7 @@ class Checkpointer:
       FileNotFoundError: there is no checkpoint at all.
       CheckpointError: ``step`` was given and does not restore, or no step does.
     """
+    _quiet_closed_loop_callbacks()
     steps = self.all_steps()
     if not steps:
       raise FileNotFoundError(
