@@ -112,3 +112,17 @@ def test_progress_without_a_terminal_logs_every_tenth():
   bar.update(1000, final=True)
   lines = stream.getvalue().splitlines()
   assert 11 <= len(lines) <= 12 and lines[-1].startswith("Downloading x: [#")
+
+
+def test_command_line_downloads_into_the_given_cache(server, tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv(download.MIRROR_ENV, server)
+  monkeypatch.setitem(download.ARCHIVES, "cifar100",
+                      download.Archive("cifar-100-python.tar.gz", MD5, len(PAYLOAD)))
+  assert download.main(["cifar100", "--cache_dir", str(tmp_path)]) == 0
+  assert (tmp_path / "cifar-100-python.tar.gz").read_bytes() == PAYLOAD
+  monkeypatch.setitem(download.ARCHIVES, "cifar100",
+                      download.Archive("cifar-100-python.tar.gz", "1" * 32, len(PAYLOAD)))
+  monkeypatch.setenv("CMIM_JAX_DATA", str(tmp_path / "other"))
+  assert download.main(["cifar100"]) == 1
+  assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+  assert not (tmp_path / "other" / "cifar-100-python.tar.gz").exists()

@@ -8,10 +8,15 @@ or corrupted download never leaves a file that a later run would read.
 
 ``$CMIM_JAX_CIFAR_MIRROR`` replaces the base address (a local or institute
 mirror holding the same files; the published checksums still apply).
+
+By hand (e.g. on a login node with internet, before an offline job)::
+
+  python -m cmim_jax.data.download cifar100 [--cache_dir DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import http.client
@@ -154,3 +159,27 @@ def ensure_cifar(name: str, cache_dir: str, *, progress: bool = True,
     return dest
   return fetch(url_for(name), dest, md5=archive.md5, size=archive.size, timeout=timeout,
                progress=progress)
+
+
+def default_cache_dir() -> str:
+  """``$CMIM_JAX_DATA``, else ``~/.cache/cmim_jax`` (where the CIFAR loader looks)."""
+  return os.path.expanduser(os.environ.get("CMIM_JAX_DATA") or "~/.cache/cmim_jax")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description="Download a CIFAR python archive into the cache.")
+  parser.add_argument("name", choices=sorted(ARCHIVES))
+  parser.add_argument("--cache_dir", default=None,
+                      help="default: $CMIM_JAX_DATA, else ~/.cache/cmim_jax")
+  args = parser.parse_args(argv)
+  try:
+    path = ensure_cifar(args.name, args.cache_dir or default_cache_dir())
+  except DownloadError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
