@@ -21,6 +21,7 @@ Everything that touches files (checkpoints, metrics) lives in the loop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -46,6 +47,8 @@ from cmim_jax import losses
 from cmim_jax import metric_writers
 from cmim_jax import models
 from cmim_jax import optim
+from cmim_jax import preemption
+from cmim_jax import runlock
 from cmim_jax import variables as variables_lib
 from cmim_jax.parallel import AXIS, Parallel, first_copy_to_host
 
@@ -448,9 +451,40 @@ def _format_eta(seconds: float) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in ``workdir``) and evaluates.
 
+  Only one run may use ``workdir`` at a time (:mod:`cmim_jax.runlock`). On
+  SIGTERM/SIGINT every process saves a checkpoint at the same step and the
+  function returns early (:mod:`cmim_jax.preemption`).
+
   Returns:
-    The last evaluation's metrics.
+    The last evaluation's metrics (empty when preempted before an evaluation).
   """
+  with workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Process 0 takes the workdir's run lock; every process learns whether it got it."""
+  lock = runlock.RunLock(workdir)
+  error = ""
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except runlock.WorkdirLocked as e:
+      error = str(e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if int(multihost_utils.broadcast_one_to_all(np.int32(bool(error)))) and not error:
+      error = f"workdir {workdir} is in use by another run (see process 0's message)."
+  if error:
+    raise runlock.WorkdirLocked(error)
+  try:
+    yield lock
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup = _Setup(config)
   par, task, total = setup.par, setup.task, setup.total_steps
   if jax.process_index() == 0:
@@ -488,6 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "rate or check the input data.")
     return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
 
+  preempt = preemption.PreemptionHandler().install()
   for step in range(start, total):
     batch = next(batches)
     state_dev, metrics = setup.steps.train(state_dev, par.batch_input(batch))
@@ -509,9 +544,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    summary["learning_rate"], summary["images_per_second"],
                    _format_eta((total - done) / rate))
       t_interval, n_interval = time.time(), 0
-    if done % config.checkpoint_every_steps == 0 or is_last:
+    preempted = preempt.reached(done)  # Every process, every step: the same answer.
+    if done % config.checkpoint_every_steps == 0 or is_last or preempted:
       flush()
       ckpt.save(done, par.from_step_layout(state_dev))
+    if preempted:
+      ckpt.close()
+      writer.close()
+      preempt.uninstall()
+      logging.warning("%s", preempt.exit_line(done, ckpt.directory))
+      return last_eval
     if (done % config.eval_every_steps == 0 or is_last) and setup.eval_ds is not None:
       flush()
       last_eval = setup.evaluate(state_dev)
@@ -519,6 +561,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("eval at step %d: loss %.4f accuracy %.4f (%d examples)", done,
                    last_eval["loss"], last_eval["accuracy"], last_eval["num_examples"])
       t_interval = time.time()
+  preempt.uninstall()
   ckpt.close()
   writer.close()
   if start >= total:

@@ -1,0 +1,93 @@
+"""cmim_jax.main under the real world: SIGTERM and resume, a second run on a live workdir,
+`--mode eval` without a checkpoint. Subprocesses, each bounded in time."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cmim_jax import runlock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config", "configs/digits.py:smoke", "--config.batch_size=16",
+         "--config.log_every_steps=1", "--config.cmim.embed_dim=8",
+         "--config.model.stage_sizes=(1,1,1)", "--config.eval_every_steps=1000",
+         "--config.checkpoint_every_steps=1000", "--config.num_train_steps=16",
+         "--config.cmim.weight=0", "--config.data.eval_split="]
+STEPS = 16
+
+
+def env():
+  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  e.pop("XLA_FLAGS", None)
+  return e
+
+
+def run_main(*args, timeout=300):
+  return subprocess.run([sys.executable, "-m", "cmim_jax.main", *args], cwd=ROOT, env=env(),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+
+
+def test_eval_without_checkpoint_is_one_line_and_no_traceback(tmp_path):
+  r = run_main(*SMALL, "--workdir", str(tmp_path), "--mode", "eval")
+  assert r.returncode == 1
+  errors = [l for l in r.stderr.splitlines() if "no checkpoint in" in l]
+  assert len(errors) == 1 and errors[0].startswith("error: "), r.stderr
+  assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_second_run_on_a_live_workdir_is_refused(tmp_path):
+  with runlock.RunLock(str(tmp_path), heartbeat_s=0):  # The live run: this test process.
+    r = run_main(*SMALL, "--workdir", str(tmp_path))
+  assert r.returncode == 1, r.stderr[-2000:]
+  lines = [l for l in r.stderr.splitlines() if "in use by another run" in l]
+  assert len(lines) == 1 and f"pid {os.getpid()}" in lines[0], r.stderr
+  assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_the_resumed_run_continues_exactly(tmp_path):
+  full, preempted = str(tmp_path / "full"), str(tmp_path / "preempted")
+  log = tmp_path / "preempted.log"
+  with open(log, "w") as out:
+    proc = subprocess.Popen([sys.executable, "-m", "cmim_jax.main", *SMALL, "--workdir", preempted],
+                            cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.time() + 240
+    while f"step 3/{STEPS}" not in log.read_text():
+      assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+      time.sleep(0.02)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    seconds = time.monotonic() - t0
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  text = log.read_text()
+  assert code == 0, text[-3000:]
+  match = re.search(r"Preempted \(SIGTERM\): saved the checkpoint of step (\d+)", text)
+  assert match, text[-3000:]
+  step = int(match.group(1))
+  assert 3 <= step < STEPS and os.listdir(os.path.join(preempted, "checkpoints")) == [str(step)]
+  print(f"SIGTERM -> exit: {seconds:.2f} s, checkpoint step {step}")
+  r = run_main(*SMALL, "--workdir", preempted)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"Resumed from the checkpoint of step {step}" in r.stderr
+  r = run_main(*SMALL, "--workdir", full)
+  assert r.returncode == 0, r.stderr[-3000:]
+  a, b = train_losses(full), train_losses(preempted)
+  steps = list(range(1, STEPS + 1))
+  assert sorted(a) == sorted(b) == steps  # every step logged once, none twice
+  np.testing.assert_allclose([b[s] for s in steps], [a[s] for s in steps], rtol=1e-6)
