@@ -126,3 +126,70 @@ def test_command_line_downloads_into_the_given_cache(server, tmp_path, monkeypat
   assert download.main(["cifar100"]) == 1
   assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
   assert not (tmp_path / "other" / "cifar-100-python.tar.gz").exists()
+
+
+def tiny_cifar10_archive(path):
+  """A cifar-10-python.tar.gz of 2 images per batch file, in the release's layout."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  with tarfile.open(path, "w:gz") as tar:
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for k, name in enumerate(names):
+      blob = pickle.dumps({b"data": np.full((2, 3072), k, np.uint8), b"labels": [k, k + 1]})
+      info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+      info.size = len(blob)
+      tar.addfile(info, io.BytesIO(blob))
+  return path.read_bytes()
+
+
+def data_config(**overrides):
+  from cmim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  cfg = input_pipeline.get_config()
+  cfg.update(dict(name="cifar10", source="auto", data_dir="", prefetch=0), **overrides)
+  return cfg
+
+
+def test_get_datasets_downloads_into_the_cache_once(tmp_path, monkeypatch):
+  """data.download=True on a machine without the data: fetched, verified, then reused."""
+  from cmim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  blob = tiny_cifar10_archive(tmp_path / "served.tar.gz")
+
+  class ArchiveHandler(Handler):
+    def do_GET(self):  # pylint: disable=invalid-name
+      Handler.requests.append(self.path)
+      self.send_response(200)
+      self.send_header("Content-Length", str(len(blob)))
+      self.end_headers()
+      self.wfile.write(blob)
+
+  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ArchiveHandler)
+  threading.Thread(target=httpd.serve_forever, daemon=True).start()
+  try:
+    monkeypatch.setenv(download.MIRROR_ENV, f"http://127.0.0.1:{httpd.server_address[1]}")
+    monkeypatch.setenv("CMIM_JAX_DATA", str(tmp_path / "cache"))
+    monkeypatch.setitem(download.ARCHIVES, "cifar10", download.Archive(
+        "cifar-10-python.tar.gz", hashlib.md5(blob).hexdigest(), len(blob)))
+    Handler.requests.clear()
+    cfg = data_config(download=True)
+    train, _, info = input_pipeline.get_datasets(cfg, global_batch_size=2, seed=0)
+    assert info.source == "cifar_archive" and (info.num_train, info.num_eval) == (10, 2)
+    assert sorted(os.listdir(tmp_path / "cache"))[-1] == "cifar-10-python.tar.gz"
+    assert train.get_batch(0)["image"].shape == (2, 32, 32, 3)
+    input_pipeline.get_datasets(cfg, global_batch_size=2, seed=0)
+    assert Handler.requests == ["/cifar-10-python.tar.gz"]  # the second run reads the cache
+  finally:
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_offline_download_fails_with_the_usual_message(tmp_path, monkeypatch):
+  from cmim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(download.MIRROR_ENV, "http://127.0.0.1:9")  # nothing listens there
+  monkeypatch.setenv("CMIM_JAX_DATA", str(tmp_path / "cache"))
+  with pytest.raises(FileNotFoundError) as e:
+    input_pipeline.get_datasets(data_config(download=True), global_batch_size=2, seed=0)
+  message = str(e.value)
+  assert "could not download http://127.0.0.1:9/cifar-10-python.tar.gz" in message
+  assert "To provide it" in message and "tfds build" not in message
+  assert not [n for n in os.listdir(tmp_path / "cache") if n.endswith((".gz", ".part"))]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import http.client
 import os
@@ -154,16 +155,19 @@ def ensure_cifar(name: str, cache_dir: str, *, progress: bool = True,
   if name not in ARCHIVES:
     raise ValueError(f"no download is known for {name!r}; known: {sorted(ARCHIVES)}.")
   archive = ARCHIVES[name]
-  dest = os.path.join(os.path.expanduser(cache_dir), archive.filename)
+  directory = os.path.expanduser(cache_dir)
+  dest = os.path.join(directory, archive.filename)
   if os.path.isfile(dest):
     return dest
-  return fetch(url_for(name), dest, md5=archive.md5, size=archive.size, timeout=timeout,
-               progress=progress)
-
-
-def default_cache_dir() -> str:
-  """``$CMIM_JAX_DATA``, else ``~/.cache/cmim_jax`` (where the CIFAR loader looks)."""
-  return os.path.expanduser(os.environ.get("CMIM_JAX_DATA") or "~/.cache/cmim_jax")
+  os.makedirs(directory, exist_ok=True)
+  # Processes sharing the cache (several per host) download once: the others
+  # wait on the lock and then find the file.
+  with open(os.path.join(directory, f".{archive.filename}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if os.path.isfile(dest):
+      return dest
+    return fetch(url_for(name), dest, md5=archive.md5, size=archive.size, timeout=timeout,
+                 progress=progress)
 
 
 def main(argv=None) -> int:
@@ -173,7 +177,8 @@ def main(argv=None) -> int:
                       help="default: $CMIM_JAX_DATA, else ~/.cache/cmim_jax")
   args = parser.parse_args(argv)
   try:
-    path = ensure_cifar(args.name, args.cache_dir or default_cache_dir())
+    from cmim_jax.data.loaders import cifar_archive  # pylint: disable=g-import-not-at-top
+    path = ensure_cifar(args.name, args.cache_dir or cifar_archive.cache_dir())
   except DownloadError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
