@@ -248,8 +248,7 @@ class PeerWatchdog:
     role = " (the coordinator)" if j == 0 else ""
     line = (f"process {j}{role} of {self.n} on {self._hosts.get(j, '?')} {how}; "
             f"process {self.me} stops (exit code {EXIT_PEER_LOST}).")
-    logging.error("%s", line)
-    try:
+    try:  # One line on stderr, not also the absl log (which prints there too).
       sys.stderr.write(f"error: {line}\n")
       sys.stderr.flush()
     finally:
