@@ -91,3 +91,15 @@ def test_sigterm_saves_then_the_resumed_run_continues_exactly(tmp_path):
   steps = list(range(1, STEPS + 1))
   assert sorted(a) == sorted(b) == steps  # every step logged once, none twice
   np.testing.assert_allclose([b[s] for s in steps], [a[s] for s in steps], rtol=1e-6)
+
+
+def test_missing_cifar_offline_is_reported_once_with_commands_that_exist(tmp_path):
+  e = dict(env(), CMIM_JAX_DATA=str(tmp_path / "cache"), CMIM_JAX_CIFAR_MIRROR="http://127.0.0.1:9")
+  r = subprocess.run([sys.executable, "-m", "cmim_jax.main", "--config", "configs/cifar100.py",
+                      "--config.data.download=True", "--workdir", str(tmp_path / "run")],
+                     cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1
+  assert r.stderr.count("No data found for dataset 'cifar100'") == 1, r.stderr
+  assert "could not download http://127.0.0.1:9/cifar-100-python.tar.gz" in r.stderr
+  assert "python -m cmim_jax.data.download cifar100" in r.stderr
+  assert "tfds build" not in r.stderr and "Traceback" not in r.stderr, r.stderr
