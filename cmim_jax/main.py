@@ -78,7 +78,7 @@ def main(argv):
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
       train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
+  except (ValueError, OSError, ImportError, FloatingPointError, RuntimeError) as e:
     if multi_process:
       # A collective that failed because a peer died: let the watchdog name it.
       cluster.wait_for_peer_verdict(5.0)

@@ -103,3 +103,18 @@ def test_missing_cifar_offline_is_reported_once_with_commands_that_exist(tmp_pat
   assert "could not download http://127.0.0.1:9/cifar-100-python.tar.gz" in r.stderr
   assert "python -m cmim_jax.data.download cifar100" in r.stderr
   assert "tfds build" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_gs_workdir_without_the_cloud_extra_is_one_line(tmp_path):
+  from cmim_jax import paths  # pylint: disable=g-import-not-at-top
+  if paths._backend_available("gcs"):  # pylint: disable=protected-access
+    pytest.skip("gcsfs is installed here")
+  r = subprocess.run([sys.executable, "-m", "cmim_jax.main", "--config",
+                      os.path.join(ROOT, "configs", "digits.py:smoke"),
+                      "--workdir", "gs://bucket/runs/x"],
+                     cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines()[-1] == (
+      "error: workdir 'gs://bucket/runs/x' is on gs:// but gcsfs is not installed: "
+      "pip install 'cmim_jax[cloud]' (installs gcsfs), or use a local path."), r.stderr
+  assert os.listdir(tmp_path) == []  # no local directory called gs:
