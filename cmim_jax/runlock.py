@@ -3,8 +3,9 @@
 Two trainings on one workdir would interleave ``metrics.jsonl`` and race on
 the checkpoints, so the second one refuses to start (:class:`WorkdirLocked`,
 one line naming the live run). A lock left behind by a run that died (same
-host, pid gone; or a lock whose heartbeat stopped) is taken over with a
-warning. Only process 0 of a multi-process run takes the lock: the run as a
+host, pid gone; or a lock whose heartbeat stopped; or one left by an earlier
+incarnation of the same SLURM job, which a requeue restarts on any node) is
+taken over with a warning. Only process 0 of a multi-process run takes the lock: the run as a
 whole owns the workdir.
 
 The lock is created with an exclusive create (``O_EXCL``) on local disks. On
@@ -61,7 +62,8 @@ class RunLock:
     self.stale_after_s = stale_after_s if stale_after_s is not None else 10 * heartbeat_s
     self.token = uuid.uuid4().hex
     self.info = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                 "started": time.time(), "heartbeat": time.time()}
+                 "started": time.time(), "heartbeat": time.time(),
+                 "job": os.environ.get("SLURM_JOB_ID", "")}
     self._stop = threading.Event()
     self._thread = None
     self.held = False
@@ -81,6 +83,8 @@ class RunLock:
   def _is_stale(self, info: dict) -> bool:
     if not info:
       return True
+    if self.info["job"] and info.get("job") == self.info["job"]:
+      return True  # This job, requeued: the earlier run is gone, wherever it ran.
     if info.get("host") == socket.gethostname():
       return not _pid_alive(int(info.get("pid", -1)))
     return time.time() - float(info.get("heartbeat", 0)) > self.stale_after_s

@@ -61,3 +61,16 @@ def test_heartbeat_refreshes_the_lock(tmp_path):
     first = json.loads(lock_file(tmp_path).read_text())["heartbeat"]
     time.sleep(0.3)
     assert json.loads(lock_file(tmp_path).read_text())["heartbeat"] > first
+
+
+def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
+  """A requeue restarts the job, maybe on another node, before the old lock goes stale."""
+  monkeypatch.setenv("SLURM_JOB_ID", "4242")
+  fresh = {"host": "other-node", "pid": 1, "started": time.time(), "heartbeat": time.time(),
+           "job": "4242"}
+  lock_file(tmp_path).write_text(json.dumps(fresh))
+  with runlock.RunLock(str(tmp_path), heartbeat_s=0):
+    assert json.loads(lock_file(tmp_path).read_text())["pid"] == os.getpid()
+  lock_file(tmp_path).write_text(json.dumps(dict(fresh, job="777")))  # another job: live
+  with pytest.raises(runlock.WorkdirLocked, match="other-node"):
+    runlock.RunLock(str(tmp_path), heartbeat_s=0).acquire()
