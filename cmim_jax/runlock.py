@@ -51,7 +51,7 @@ class RunLock:
     heartbeat_s: how often the holder refreshes the lock's time stamp. A lock
       on another host is stale once it has not been refreshed for
       ``stale_after_s`` (the pid cannot be checked from here).
-    stale_after_s: see above; default 10 heartbeats.
+    stale_after_s: see above; default 10 heartbeats (10 minutes without heartbeat).
   """
 
   def __init__(self, workdir: str, *, heartbeat_s: float = 60.0,
@@ -59,7 +59,9 @@ class RunLock:
     self.workdir = workdir
     self.path = paths.resolve(workdir) / LOCK_NAME
     self.heartbeat_s = heartbeat_s
-    self.stale_after_s = stale_after_s if stale_after_s is not None else 10 * heartbeat_s
+    if stale_after_s is None:
+      stale_after_s = 10 * heartbeat_s if heartbeat_s > 0 else 600.0
+    self.stale_after_s = stale_after_s
     self.token = uuid.uuid4().hex
     self.info = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
                  "started": time.time(), "heartbeat": time.time(),
