@@ -88,7 +88,7 @@ def test_single_process_handler_records_and_defers_signals():
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def test_sigterm_to_one_process_saves_one_step_everywhere_then_resumes(tmp_path):
+def test_sigterm_to_one_process_saves_one_step_everywhere(tmp_path):
   workdir = tmp_path / "run"
   run = Run(tmp_path, workdir)
   run.wait_for("training")
@@ -102,12 +102,11 @@ def test_sigterm_to_one_process_saves_one_step_everywhere_then_resumes(tmp_path)
   assert steps[0] == steps[1] and steps[0] >= 3
   print(f"SIGTERM -> exit of both processes: {seconds:.2f} s, checkpoint step {steps[0]}")
   assert checkpointing.Checkpointer(str(workdir)).all_steps() == [steps[0]]
-  # The resumed run continues exactly where the checkpoint stopped.
-  resumed = Run(tmp_path, workdir, max_steps=steps[0] + 4)
-  assert resumed.wait() == [0, 0], resumed.out(0) + resumed.out(1)
-  for i in range(2):
-    assert f"start {steps[0]} w {float(steps[0])}" in resumed.out(i)
-    assert f"finished w {float(steps[0] + 4)}" in resumed.out(i)
+  restored = checkpointing.Checkpointer(str(workdir)).restore(
+      {"w": np.zeros((4,), np.float32), "big": np.zeros((1,), np.float32)})
+  # w counts the steps taken: the checkpoint holds the state of exactly that step.
+  np.testing.assert_array_equal(restored["w"], np.full((4,), float(steps[0])))
+  # (Resuming from it is tested end to end in tests/test_main_cluster.py.)
 
 
 def test_second_signal_during_the_save_leaves_a_complete_checkpoint(tmp_path):
