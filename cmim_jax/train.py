@@ -47,6 +47,7 @@ from cmim_jax import losses
 from cmim_jax import metric_writers
 from cmim_jax import models
 from cmim_jax import optim
+from cmim_jax import paths
 from cmim_jax import preemption
 from cmim_jax import runlock
 from cmim_jax import variables as variables_lib
@@ -375,22 +376,29 @@ def _to_tuples(tree: Any) -> Any:
 
 
 def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes ``config`` to ``workdir/config.json`` atomically; returns the path."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(config.to_json(indent=2, sort_keys=True))
-    f.write("\n")
-  os.replace(tmp, path)  # Readers see the old file or the new one, never half.
-  return path
+  """Writes ``config`` to ``workdir/config.json`` atomically; returns the path.
+
+  ``workdir`` may be remote (``gs://``, :mod:`cmim_jax.paths`).
+  """
+  root = paths.resolve(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  path = root / CONFIG_FILE
+  text = config.to_json(indent=2, sort_keys=True) + "\n"
+  if paths.is_remote(workdir):
+    path.write_text(text)  # An object store replaces an object whole.
+  else:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)  # Readers see the old file or the new one, never half.
+  return str(path)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the latest run in ``workdir`` (its ``config.json``).
 
   Args:
-    workdir: a directory :func:`train_and_evaluate` trained in.
+    workdir: a directory :func:`train_and_evaluate` trained in (local or ``gs://``).
 
   Returns:
     The config, tuples restored, as the run saw it after command-line overrides.
@@ -398,13 +406,12 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   Raises:
     FileNotFoundError: ``workdir`` holds no config.json.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = paths.resolve(workdir, what="run directory") / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(
         f"no {CONFIG_FILE} in {workdir}; it is written when training starts "
         "(python -m cmim_jax.main --mode train), so point at a training workdir.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(_to_tuples(json.load(f)))
+  return ml_collections.ConfigDict(_to_tuples(json.loads(path.read_text())))
 
 
 class _Setup:

@@ -118,3 +118,35 @@ def test_gs_workdir_without_the_cloud_extra_is_one_line(tmp_path):
       "error: workdir 'gs://bucket/runs/x' is on gs:// but gcsfs is not installed: "
       "pip install 'cmim_jax[cloud]' (installs gcsfs), or use a local path."), r.stderr
   assert os.listdir(tmp_path) == []  # no local directory called gs:
+
+
+USER_CONFIG = '''
+from cmim_jax import default_config
+
+
+def get_config():
+  config = default_config.get_config()
+  config.data.name = "digits"
+  config.data.source = "digits"
+  config.model.name = "resnet20"
+  return config
+'''
+
+
+def test_user_config_outside_the_repository_from_any_directory(tmp_path):
+  """A config in the user's own project imports the defaults from the installed package only."""
+  project, elsewhere, site = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "site"
+  for d in (project, elsewhere, site):
+    d.mkdir()
+  (project / "my_config.py").write_text(USER_CONFIG)
+  # Only the package is importable (as after pip install): no `configs`, no repository on the path.
+  os.symlink(os.path.join(ROOT, "cmim_jax"), site / "cmim_jax")
+  e = dict(env(), PYTHONPATH=str(site))
+  r = subprocess.run([sys.executable, "-m", "cmim_jax.main", "--config",
+                      str(project / "my_config.py"), "--config.batch_size=32",
+                      "--workdir", str(elsewhere / "run"), "--mode", "eval"],
+                     cwd=elsewhere, env=e, capture_output=True, text=True, timeout=300)
+  # The config parsed (an override of it applied); eval then stops at the missing checkpoint.
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert "ModuleNotFoundError" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith("error: no checkpoint in "), r.stderr
