@@ -138,9 +138,20 @@ class RunLock:
         return
       self.info["heartbeat"] = time.time()
       try:
-        self.path.write_text(json.dumps(self.info))
+        self._rewrite(json.dumps(self.info))
       except OSError as e:  # A full disk must not stop training.
         logging.warning("Could not refresh the run lock %s: %s", self.path, e)
+
+  def _rewrite(self, data: str) -> None:
+    """Replaces the lock's contents so that a reader never sees it half-written
+    (a cut-short lock counts as stale)."""
+    if paths.is_remote(self.workdir):
+      self.path.write_text(data)  # An object store replaces an object whole.
+      return
+    tmp = f"{self.path}.{self.token}"
+    with open(tmp, "w") as f:
+      f.write(data)
+    os.replace(tmp, self.path)
 
   def release(self) -> None:
     self._stop.set()
