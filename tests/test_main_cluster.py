@@ -23,15 +23,15 @@ SMALL = ["--config", "configs/digits.py:smoke", "--config.batch_size=16",
 STEPS = 16
 
 
-def env():
-  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+def env(**extra):
+  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra)
   e.pop("XLA_FLAGS", None)
   return e
 
 
-def run_main(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "cmim_jax.main", *args], cwd=ROOT, env=env(),
-                        capture_output=True, text=True, timeout=timeout)
+def run_main(*args, timeout=300, **extra_env):
+  return subprocess.run([sys.executable, "-m", "cmim_jax.main", *args], cwd=ROOT,
+                        env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
 
 
 def train_losses(workdir):
@@ -59,10 +59,12 @@ def test_second_run_on_a_live_workdir_is_refused(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_then_the_resumed_run_continues_exactly(tmp_path):
   full, preempted = str(tmp_path / "full"), str(tmp_path / "preempted")
+  # The later runs load the compiled steps from the first one (same executables).
+  cache = {"CMIM_JAX_COMPILATION_CACHE": str(tmp_path / "xla_cache")}
   log = tmp_path / "preempted.log"
   with open(log, "w") as out:
     proc = subprocess.Popen([sys.executable, "-m", "cmim_jax.main", *SMALL, "--workdir", preempted],
-                            cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT)
+                            cwd=ROOT, env=env(**cache), stdout=out, stderr=subprocess.STDOUT)
   try:
     deadline = time.time() + 240
     while f"step 3/{STEPS}" not in log.read_text():
@@ -82,10 +84,10 @@ def test_sigterm_saves_then_the_resumed_run_continues_exactly(tmp_path):
   step = int(match.group(1))
   assert 3 <= step < STEPS and os.listdir(os.path.join(preempted, "checkpoints")) == [str(step)]
   print(f"SIGTERM -> exit: {seconds:.2f} s, checkpoint step {step}")
-  r = run_main(*SMALL, "--workdir", preempted)
+  r = run_main(*SMALL, "--workdir", preempted, **cache)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"Resumed from the checkpoint of step {step}" in r.stderr
-  r = run_main(*SMALL, "--workdir", full)
+  r = run_main(*SMALL, "--workdir", full, **cache)
   assert r.returncode == 0, r.stderr[-3000:]
   a, b = train_losses(full), train_losses(preempted)
   steps = list(range(1, STEPS + 1))
