@@ -67,6 +67,9 @@ def data_config() -> ml_collections.ConfigDict:
   # Threads for per-image host work (tfds reads, ImageNet crops); 0 = up to
   # 16, by CPU count.
   c.num_threads = 0
+  # CIFAR-10/100: when no source finds the data, download the python archive
+  # (checksum-verified) into the data cache. The CIFAR configs turn it on.
+  c.download = False
   return c
 
 

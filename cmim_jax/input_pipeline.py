@@ -59,7 +59,7 @@ from cmim_jax.data.splits import split_names
 # accepts no other.
 DATA_KEYS = ('name', 'source', 'data_dir', 'train_split', 'eval_split',
              'augment', 'cache_dir', 'image_size', 'eval_crop_fraction',
-             'mean', 'std', 'prefetch', 'num_threads')
+             'mean', 'std', 'prefetch', 'num_threads', 'download')
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -145,7 +145,8 @@ def get_datasets(data_config, *, global_batch_size: int,
   num_threads = cfg.num_threads or min(16, os.cpu_count() or 1)
   data = _sources.load(cfg.source, cfg.name, cfg.data_dir,
                        list(dict.fromkeys(train_names + eval_names)),
-                       cache_dir=cfg.cache_dir, num_threads=num_threads)
+                       cache_dir=cfg.cache_dir, num_threads=num_threads,
+                       download=cfg.download)
   sizes = {s: len(r) for s, r in data.splits.items()}
   train_records = _records.select(
       data.splits, _splits.resolve_split(cfg.train_split, sizes))

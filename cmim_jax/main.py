@@ -7,7 +7,10 @@ r"""Command line: train or evaluate a BNN from an ml_collections config file.
 
 Multi-host: pass ``--coordinator_address host:port --num_processes N
 --process_id i`` to every process (``launch/local.py`` does this on
-localhost); on a Cloud TPU pod no flag is needed, JAX finds its peers.
+localhost); on a Cloud TPU pod or in a SLURM job (``launch/slurm.py``) no
+flag is needed, JAX finds its peers. SIGTERM saves a checkpoint on every
+process and exits 0; a dead peer stops the others with exit code 3 (see
+docs/CLUSTERS.md).
 """
 
 import logging as logging_lib
@@ -19,6 +22,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from cmim_jax import cluster
+from cmim_jax import paths
+from cmim_jax import runlock
 from cmim_jax import xla_tuning
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,27 +38,15 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", None, "Simulate this many CPU devices per process (testing).")
+_PEER_TIMEOUT = flags.DEFINE_float(
+    "peer_timeout_s", 60.0, "Multi-process runs: stop when a peer has been silent this long "
+    "(a peer that dies is noticed at once); 0 turns the watchdog off.")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
-_TPU_POD_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-
-def _init_distributed(jax) -> None:
-  if _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1:
-    missing = [n for n, f in (("--coordinator_address", _COORDINATOR),
-                              ("--num_processes", _NUM_PROCESSES),
-                              ("--process_id", _PROCESS_ID)) if f.value is None]
-    if missing:
-      raise ValueError(f"multi-host run needs {', '.join(missing)} as well.")
-    # Only the CPU backend reads this: cross-process CPU collectives need gloo.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  elif any(len(os.environ.get(k, "").split(",")) > 1 for k in _TPU_POD_ENV):
-    jax.distributed.initialize()  # Cloud TPU pod: peers come from the metadata.
+# Errors whose message says what is wrong and how to fix it: one line, no traceback.
+_USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, runlock.WorkdirLocked,
+                paths.RemotePathError)
 
 
 class _QuietLibraries:
@@ -71,8 +65,11 @@ def main(argv):
   xla_tuning.enable_compilation_cache()  # Later runs load compiled steps from disk.
   if _NUM_CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
+  multi_process = False
   try:
-    _init_distributed(jax)
+    multi_process = cluster.initialize(
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value, peer_timeout_s=_PEER_TIMEOUT.value)
     from cmim_jax import train  # pylint: disable=g-import-not-at-top
     logging.info("JAX process %d/%d, %d local / %d global devices (%s).",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
@@ -81,10 +78,30 @@ def main(argv):
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
       train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    logging.error("%s: %s", type(e).__name__, e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  except (ValueError, OSError, ImportError, FloatingPointError, RuntimeError) as e:
+    if multi_process:
+      # A collective that failed because a peer died: let the watchdog name it.
+      cluster.wait_for_peer_verdict(5.0)
+    if not isinstance(e, _USER_ERRORS):
+      raise
+    # Printed once (the absl log would repeat it on stderr).
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    _finish(1, multi_process, error=True)
+  _finish(0, multi_process)
+
+
+def _finish(code: int, multi_process: bool, *, error: bool = False) -> None:
+  if not multi_process:
+    sys.exit(code)
+  cluster.finish(error=error)
+  if not error:
+    return  # JAX's shutdown barrier: every process gets there.
+  # The peers stop on this process's error notice instead of reaching JAX's
+  # shutdown barrier, which would hold this one for minutes and then abort.
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""Metrics to ``workdir/metrics.jsonl`` and TensorBoard, from process 0 only."""
+"""Metrics to ``workdir/metrics.jsonl`` and TensorBoard, from process 0 only.
+
+The workdir may be remote (``gs://``, see :mod:`cmim_jax.paths`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Mapping
 
 import jax
 import numpy as np
+
+from cmim_jax import paths
 
 
 def _scalar(v):
@@ -25,21 +29,34 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    root = paths.resolve(workdir)
+    self.path = root / "metrics.jsonl"
     self._tb = None
+    # Object stores cannot append: a remote metrics.jsonl is rewritten whole
+    # (it is small), starting from what an earlier (resumed) run left.
+    self._remote_lines = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      root.mkdir(parents=True, exist_ok=True)
+      if paths.is_remote(workdir):
+        self._remote_lines = (self.path.read_text().splitlines(keepends=True)
+                              if self.path.exists() else [])
       if tensorboard:
+        paths.register_tensorboard_backends()
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._tb = SummaryWriter(str(root / "tb"))
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> dict:
     record = {"step": int(step), "split": split}
     record.update({k: _scalar(v) for k, v in metrics.items()})
     if not self.enabled:
       return record
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record, allow_nan=True) + "\n")
+    line = json.dumps(record, allow_nan=True) + "\n"
+    if self._remote_lines is None:
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      self._remote_lines.append(line)
+      self.path.write_text("".join(self._remote_lines))
     if self._tb is not None:
       for k, v in record.items():
         if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
@@ -54,6 +71,5 @@ class MetricWriter:
 
 def read_metrics(workdir: str) -> list[dict]:
   """The records of ``workdir/metrics.jsonl`` (for plots and tests)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (paths.resolve(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

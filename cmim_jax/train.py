@@ -21,6 +21,7 @@ Everything that touches files (checkpoints, metrics) lives in the loop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -46,6 +47,9 @@ from cmim_jax import losses
 from cmim_jax import metric_writers
 from cmim_jax import models
 from cmim_jax import optim
+from cmim_jax import paths
+from cmim_jax import preemption
+from cmim_jax import runlock
 from cmim_jax import variables as variables_lib
 from cmim_jax.parallel import AXIS, Parallel, first_copy_to_host
 
@@ -360,22 +364,29 @@ def _to_tuples(tree: Any) -> Any:
 
 
 def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes ``config`` to ``workdir/config.json`` atomically; returns the path."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(config.to_json(indent=2, sort_keys=True))
-    f.write("\n")
-  os.replace(tmp, path)  # Readers see the old file or the new one, never half.
-  return path
+  """Writes ``config`` to ``workdir/config.json`` atomically; returns the path.
+
+  ``workdir`` may be remote (``gs://``, :mod:`cmim_jax.paths`).
+  """
+  root = paths.resolve(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  path = root / CONFIG_FILE
+  text = config.to_json(indent=2, sort_keys=True) + "\n"
+  if paths.is_remote(workdir):
+    path.write_text(text)  # An object store replaces an object whole.
+  else:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)  # Readers see the old file or the new one, never half.
+  return str(path)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the latest run in ``workdir`` (its ``config.json``).
 
   Args:
-    workdir: a directory :func:`train_and_evaluate` trained in.
+    workdir: a directory :func:`train_and_evaluate` trained in (local or ``gs://``).
 
   Returns:
     The config, tuples restored, as the run saw it after command-line overrides.
@@ -383,13 +394,12 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   Raises:
     FileNotFoundError: ``workdir`` holds no config.json.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = paths.resolve(workdir, what="run directory") / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(
         f"no {CONFIG_FILE} in {workdir}; it is written when training starts "
         "(python -m cmim_jax.main --mode train), so point at a training workdir.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(_to_tuples(json.load(f)))
+  return ml_collections.ConfigDict(_to_tuples(json.loads(path.read_text())))
 
 
 class _Setup:
@@ -436,9 +446,40 @@ def _format_eta(seconds: float) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in ``workdir``) and evaluates.
 
+  Only one run may use ``workdir`` at a time (:mod:`cmim_jax.runlock`). On
+  SIGTERM/SIGINT every process saves a checkpoint at the same step and the
+  function returns early (:mod:`cmim_jax.preemption`).
+
   Returns:
-    The last evaluation's metrics.
+    The last evaluation's metrics (empty when preempted before an evaluation).
   """
+  with workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Process 0 takes the workdir's run lock; every process learns whether it got it."""
+  lock = runlock.RunLock(workdir)
+  error = ""
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except runlock.WorkdirLocked as e:
+      error = str(e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if int(multihost_utils.broadcast_one_to_all(np.int32(bool(error)))) and not error:
+      error = f"workdir {workdir} is in use by another run (see process 0's message)."
+  if error:
+    raise runlock.WorkdirLocked(error)
+  try:
+    yield lock
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup = _Setup(config)
   par, task, total = setup.par, setup.task, setup.total_steps
   if jax.process_index() == 0:
@@ -476,6 +517,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "rate or check the input data.")
     return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
 
+  preempt = preemption.PreemptionHandler().install()
   for step in range(start, total):
     batch = next(batches)
     state_dev, metrics = setup.steps.train(state_dev, par.batch_input(batch))
@@ -497,9 +539,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    summary["learning_rate"], summary["images_per_second"],
                    _format_eta((total - done) / rate))
       t_interval, n_interval = time.time(), 0
-    if done % config.checkpoint_every_steps == 0 or is_last:
+    preempted = preempt.reached(done)  # Every process, every step: the same answer.
+    if done % config.checkpoint_every_steps == 0 or is_last or preempted:
       flush()
       ckpt.save(done, par.from_step_layout(state_dev))
+    if preempted:
+      ckpt.close()
+      writer.close()
+      preempt.uninstall()
+      logging.warning("%s", preempt.exit_line(done, ckpt.directory))
+      return last_eval
     if (done % config.eval_every_steps == 0 or is_last) and setup.eval_ds is not None:
       flush()
       last_eval = setup.evaluate(state_dev)
@@ -507,6 +556,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("eval at step %d: loss %.4f accuracy %.4f (%d examples)", done,
                    last_eval["loss"], last_eval["accuracy"], last_eval["num_examples"])
       t_interval = time.time()
+  preempt.uninstall()
   ckpt.close()
   writer.close()
   if start >= total:

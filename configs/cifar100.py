@@ -15,6 +15,7 @@ from cmim_jax import default_config
 def get_config(variant: str = ""):
   config = default_config.get_config()
   config.data.name = "cifar100"
+  config.data.download = True  # Fetch the archive into the data cache if absent.
   config.model.name = "resnet18"
   config.cmim.weight = 3.2
   config.cmim.temperature = 0.1

@@ -7,10 +7,13 @@ Every process runs ``python -m cmim_jax.main`` with the arguments after ``--``
 plus ``--coordinator_address localhost:PORT --num_processes N --process_id i
 --num_cpu_devices D``; CPU collectives go through gloo. Output lines are
 prefixed with the process id; the exit code is the first non-zero one.
+SIGTERM to the launcher is passed on to every process (each saves a
+checkpoint at the same step and exits 0), as a scheduler would send it.
 """
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -48,10 +51,21 @@ def launch(main_args, *, num_processes: int, devices_per_process: int,
     procs.append(p)
     pumps.append(t)
   codes = []
+  forwarded = {}
+  if threading.current_thread() is threading.main_thread():
+    def forward(signum, frame):
+      del frame
+      for p in procs:
+        if p.poll() is None:
+          p.send_signal(signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      forwarded[sig] = signal.signal(sig, forward)
   try:
     for p in procs:
       codes.append(p.wait(timeout=timeout))
   finally:
+    for sig, previous in forwarded.items():
+      signal.signal(sig, previous)
     for p in procs:
       if p.poll() is None:
         p.kill()

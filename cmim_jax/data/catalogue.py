@@ -47,13 +47,15 @@ class DatasetSpec:
 
 
 def _cifar_how_to(name, archive):
+  # Only what the package itself installs: no `tfds build` (it needs
+  # TensorFlow), but its own downloader.
   return (
-      f'prepare it with tfds (`tfds build {name} --file_format=array_record '
-      f'--data_dir=DIR`, then data.data_dir=DIR), or put the python CIFAR '
-      f'archive ({archive} or its extracted folder) in data.data_dir or in '
-      f'the data cache ($CMIM_JAX_DATA, default ~/.cache/cmim_jax), or '
-      f'point data.data_dir at an image folder DIR/<split>/<class>/*.png '
-      f'(or a .tar.gz of one).')
+      f'run with data.download=True (fetches {archive} into the data cache), '
+      f'or `python -m cmim_jax.data.download {name}` on a machine with '
+      f'internet, or put {archive} (or its extracted folder) in the data '
+      f'cache ($CMIM_JAX_DATA, default ~/.cache/cmim_jax) or in '
+      f'data.data_dir, or point data.data_dir at an image folder '
+      f'DIR/<split>/<class>/*.png (or a .tar.gz of one).')
 
 
 DATASETS = {
@@ -68,7 +70,8 @@ DATASETS = {
     'imagenet2012': DatasetSpec(
         1000, None, IMAGENET_MEAN, IMAGENET_STD, ('train', 'validation'),
         'host', 'resized_crop', ('tfds',),
-        'download ILSVRC2012_img_{train,val}.tar into DIR/downloads/manual '
+        'download ILSVRC2012_img_{train,val}.tar into DIR/downloads/manual, '
+        '`pip install tensorflow` (tfds needs it to prepare, not to read), '
         'and run `tfds build imagenet2012 --file_format=array_record '
         '--data_dir=DIR --manual_dir=DIR/downloads/manual`, then set '
         'data.data_dir=DIR (a gs:// bucket works too).'),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cmim_jax.data import catalogue
+from cmim_jax.data import download as _download
 from cmim_jax.data.loaders import cifar_archive
 from cmim_jax.data.loaders import digits
 from cmim_jax.data.loaders import folder
@@ -29,7 +30,7 @@ SOURCES = ('auto',) + tuple(LOADERS)
 
 
 def load(source: str, name: str, data_dir: str, split_names: Sequence[str],
-         *, cache_dir: str, num_threads: int) -> SourceData:
+         *, cache_dir: str, num_threads: int, download: bool = False) -> SourceData:
   """Loads ``split_names`` of dataset ``name`` from ``source``.
 
   Args:
@@ -42,6 +43,8 @@ def load(source: str, name: str, data_dir: str, split_names: Sequence[str],
     split_names: plain split names (no slicing).
     cache_dir: where the folder loader keeps decoded images ('' = memory).
     num_threads: threads for per-image reads (tfds).
+    download: when no source finds a CIFAR dataset, fetch its python archive
+      into the data cache (``cifar_archive.cache_dir()``) and load that.
 
   Raises:
     DataNotFoundError: no source found data; the message lists every place
@@ -59,6 +62,15 @@ def load(source: str, name: str, data_dir: str, split_names: Sequence[str],
                         cache_dir=cache_dir, num_threads=num_threads)
     except DataNotFoundError as e:
       looked.append(f'  - {s}: {e}')
+  if name in _download.ARCHIVES and source in ('auto', 'cifar_archive'):
+    if download:
+      try:
+        _download.ensure_cifar(name, cifar_archive.cache_dir())
+        return cifar_archive.load(name, '', list(split_names))
+      except _download.DownloadError as e:
+        looked.append(f'  - download (data.download=True): {e}')
+    else:
+      looked.append('  - download: off (data.download=False)')
   raise DataNotFoundError(
       f'No data found for dataset {name!r} (data.source={source!r}, '
       f'data.data_dir={data_dir!r}). Looked at:\n' + '\n'.join(looked)
