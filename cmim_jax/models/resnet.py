@@ -133,7 +133,8 @@ class ResNet(nn.Module):
     input_quantizer: activation quantizer of every binary conv.
     kernel_quantizer: weight quantizer of every binary conv.
     input_shift: optional module factory applied before each binary conv's
-      sign (e.g. ``functools.partial(layers.ASD, reduction=16)`` for SD-BNN).
+      sign (e.g. ``functools.partial(layers.ASD, reduction=16)`` for SD-BNN);
+      it must take a ``dtype`` field (it gets the model's).
     shortcut: downsampling shortcut, one of ``SHORTCUTS``.
     stem: ``'cifar'`` (FP 3x3 stride-1 conv + BN) or ``'imagenet'`` (FP 7x7
       stride-2 conv + BN + 3x3 stride-2 max-pool with padding 1).
@@ -168,9 +169,13 @@ class ResNet(nn.Module):
                        "must have the same length")
     schedule = common.resolve_schedule(schedule)
     norm = common.batch_norm(train, self.bn_axis_name, self.dtype)
+    # The shift computes in the model's dtype, or its output would not match
+    # the conv's kernel dtype (bfloat16, float64).
+    shift = (None if self.input_shift is None
+             else functools.partial(self.input_shift, dtype=self.dtype))
     conv = functools.partial(layers.BinaryConv, input_quantizer=self.input_quantizer,
                              kernel_quantizer=self.kernel_quantizer,
-                             input_shift=self.input_shift, dtype=self.dtype)
+                             input_shift=shift, dtype=self.dtype)
     if self.stem not in STEMS:
       raise ValueError(f"unknown stem {self.stem!r}; known: {', '.join(STEMS)}")
     big = self.stem == "imagenet"
