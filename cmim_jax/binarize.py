@@ -185,9 +185,9 @@ def ede_schedule(progress: Any, t_min: float = 0.1,
 
   Where the start values come from (``t_max = 10`` in all of them):
 
-  * ``0.1`` (this default): the IR-Net paper, and IR-Net's code for 1w32a
-    ResNet-20 and VGG-small (``CIFAR-10/ResNet20/1w32a/trainer.py``,
-    ``CIFAR-10/VGG-Small/main.py``).
+  * ``0.1`` (this default): the IR-Net paper, and IR-Net's code for 1w1a
+    VGG-small and 1w32a ResNet-20 (``CIFAR-10/VGG-Small/main.py``,
+    ``CIFAR-10/ResNet20/1w32a/trainer.py``).
   * ``1e-3``: IR-Net's code for its 1w1a ResNet-20
     (``CIFAR-10/ResNet20/1w1a/trainer.py``), the recipe behind its 1w1a
     CIFAR-10 result; also SD-BNN's code for ResNet-18/20 (SD-BNN VGG-small:
