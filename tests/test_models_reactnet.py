@@ -97,6 +97,16 @@ class TestStructure:
               model.head_bn, model.stem) == ("approx_sign", "xnor_weight", 1000, False,
                                              "imagenet")
 
+  @pytest.mark.parametrize("name", ["reactnet18", "resnet20_sdbnn"])
+  def test_input_shift_computes_in_model_dtype(self, name):
+    # A float32 shift output met a bfloat16 kernel in the conv (a TypeError).
+    variables = shapes(name, dtype=jnp.bfloat16)
+    acts = flat(variables[layers.BINARY_ACTS])
+    chex.assert_type([acts["stage1_block1/conv1/a_F"][0], acts["stage1_block1/conv1/a_B"][0]],
+                     jnp.bfloat16)
+    assert {np.dtype(a.dtype) for a in jax.tree.leaves(variables["params"])} == {
+        np.dtype(np.float32)}
+
   def test_rsign_as_input_shift_is_layers_rsign(self):
     # The conv's approx_sign of RSign's shift must be RSign, values and gradients.
     rng = np.random.default_rng(0)
