@@ -12,7 +12,9 @@ with its own real-valued shortcut (Liu et al. 2018, fig. 1):
 
 ``sign`` has the ApproxSign gradient; kernels are ``alpha_c sign(W)`` with the
 per-output-channel mean ``|W|`` as a detached scale and the clipped STE
-(``'xnor_weight'``), as in the released code. ``shortcut`` is the identity,
+(``'xnor_weight'``), as in both released PyTorch codes. (The Bi-Real paper's
+magnitude-aware gradient also multiplies the STE by ``alpha_c``; its code,
+which ReActNet reuses, does not.) ``shortcut`` is the identity,
 except in the first unit of stages 2-4: 2x2 stride-2 average pool + FP 1x1
 conv + BN. Stem: FP 7x7 stride-2 conv + BN + 3x3 stride-2 max-pool (no
 activation); head: global average pool + FP linear layer (no BN).
