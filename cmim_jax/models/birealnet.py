@@ -85,8 +85,10 @@ class BiRealNetBlock(nn.Module):
   def __call__(self, x: Array, schedule: Mapping[str, Any]) -> Array:
     y = self.conv(self.features, (3, 3), strides=self.strides, padding=1,
                   name="conv1")(x, schedule)
-    sc = resnet._shortcut(x, self.features, self.strides, self.shortcut, self.conv,  # pylint: disable=protected-access
-                          self.norm, self.dtype, schedule)
+    # The ResNet shortcut kinds, shared rather than repeated.
+    sc = resnet._shortcut(  # pylint: disable=protected-access
+        x, self.features, self.strides, self.shortcut, self.conv, self.norm, self.dtype,
+        schedule)
     h = self._act(self.norm(name="bn1")(y) + sc, "act1")
     y = self.conv(self.features, (3, 3), padding=1, name="conv2")(h, schedule)
     return self._act(self.norm(name="bn2")(y) + h, "act2")
