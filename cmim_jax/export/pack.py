@@ -226,7 +226,12 @@ _BLOCKS = (resnet.BasicBlock, resnet.BiRealBlock, birealnet.BiRealNetBlock)
 
 
 def _no_block_exporter(m: resnet.ResNet, model_name: str) -> str:
-  block = getattr(m.block_cls, "__name__", None) or repr(m.block_cls)
+  block = m.block_cls
+  if isinstance(block, functools.partial):  # e.g. ReActNet's BiRealNetBlock(post_add=RPReLU)
+    options = ", ".join(f"{k}={getattr(v, '__name__', v)}" for k, v in block.keywords.items())
+    block = f"{block.func.__name__}({options})"
+  else:
+    block = getattr(block, "__name__", block)
   return (f"model {model_name!r}: block {block} has no packed exporter "
           f"({', '.join(c.__name__ for c in _BLOCKS)} do).")
 
