@@ -183,9 +183,20 @@ def ede_schedule(progress: Any, t_min: float = 0.1,
   with ``p = progress = epoch / num_epochs`` in [0, 1]. Jittable: pass
   ``progress`` as an array so that the caller is not retraced.
 
+  Where the start values come from (``t_max = 10`` in all of them):
+
+  * ``0.1`` (this default): the IR-Net paper, and IR-Net's code for 1w1a
+    VGG-small and 1w32a ResNet-20 (``CIFAR-10/VGG-Small/main.py``,
+    ``CIFAR-10/ResNet20/1w32a/trainer.py``).
+  * ``1e-3``: IR-Net's code for its 1w1a ResNet-20
+    (``CIFAR-10/ResNet20/1w1a/trainer.py``), the recipe behind its 1w1a
+    CIFAR-10 result; also SD-BNN's code for ResNet-18/20 (SD-BNN VGG-small:
+    ``0.1``). IR-Net's released ResNet-18 code has no schedule.
+  * ``1e-2``: CMIM's code (its ``--Tmin`` default; ``configs/default.py``).
+
   Args:
     progress: training progress in [0, 1] (array-like).
-    t_min: ``t`` at the start (IR-Net 0.1, CMIM code 1e-2, SD-BNN 1e-3/1e-1).
+    t_min: ``t`` at the start (see above).
     t_max: ``t`` at the end.
 
   Returns:

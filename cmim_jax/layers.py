@@ -165,15 +165,21 @@ class RSign(nn.Module):
   r"""ReActNet RSign: :math:`\mathrm{sign}(x + \beta_c)`, ``beta`` learned per
   channel (init 0), with the ApproxSign gradient of Bi-Real Net.
 
+  ``shift_only=True`` returns :math:`x + \beta_c` alone, for use as a binary
+  layer's ``input_shift``: the layer's ``'approx_sign'`` quantizer then
+  completes RSign, and the layer sows the shifted input as ``a_F``.
+
   References:
     Liu et al., "ReActNet", ECCV 2020.
   """
   dtype: Any = jnp.float32
+  shift_only: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     beta = self.param("beta", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
-    return binarize.approx_sign(jnp.asarray(x, self.dtype) + beta.astype(self.dtype))
+    shifted = jnp.asarray(x, self.dtype) + beta.astype(self.dtype)
+    return shifted if self.shift_only else binarize.approx_sign(shifted)
 
 
 class RPReLU(nn.Module):

@@ -81,7 +81,14 @@ EXPECTED_PARAMS = {
     "vgg_small_sdbnn": VGG_SMALL + SDBNN_EXTRA["vgg_small_sdbnn"],
     # ImageNet Bi-Real ResNet-18 (1000 classes); hand count in test_models_imagenet.py.
     "birealnet18": 11_689_512, "birealnet18_fp": 11_689_512,
+    "birealnet18_clipped": 11_689_512,
+    # ReActNet adds RSign's beta (c_in) and RPReLU's gamma, slope, zeta (3 c_out)
+    # to each of the 16 binary convs (hand count in test_models_reactnet.py).
+    "reactnet18": 11_689_512 + sum(cin + 3 * cout for cin, cout in (
+        [(64, 64)] * 4 + [(64, 128)] + [(128, 128)] * 3 + [(128, 256)] + [(256, 256)] * 3
+        + [(256, 512)] + [(512, 512)] * 3)),
 }
+EXPECTED_PARAMS["reactnet18_fp"] = EXPECTED_PARAMS["reactnet18"]
 
 RESNET18_BINARY = [f"stage{s}_block{b}/conv{c}" for s in (1, 2, 3, 4) for b in (1, 2)
                    for c in (1, 2)]

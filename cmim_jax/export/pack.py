@@ -12,7 +12,7 @@ Stem, shortcuts with weights other than binary ones, and the classifier stay
 float32.
 
 Supported: :class:`cmim_jax.models.ResNet` (``BasicBlock``,
-``BiRealBlock``; every shortcut kind and stem) and
+``BiRealBlock``, Bi-Real Net's ``BiRealNetBlock``; every shortcut kind and stem) and
 :class:`cmim_jax.models.VGGSmall`, with sign-forward input quantizers, any
 weight quantizer whose output is ``+-alpha_c`` per output channel, and the
 SD-BNN ASD input shift. Anything else is refused with the reason.
@@ -28,7 +28,7 @@ import numpy as np
 
 from cmim_jax import binarize, layers
 from cmim_jax.export import infer
-from cmim_jax.models import common, resnet, vgg
+from cmim_jax.models import birealnet, common, resnet, vgg
 
 
 class NotExportableError(ValueError):
@@ -204,15 +204,36 @@ def _resnet(b: _Builder, m: resnet.ResNet) -> None:
         b.bn(f"{name}/bn2", "y")
         b.op("add", f"{name}/add2", "y", "x", src2="h")
         b.op("hardtanh", f"{name}/act2")
+      elif m.block_cls is birealnet.BiRealNetBlock:  # Bi-Real Net: nothing after the adds.
+        b.bconv(f"{name}/conv1", strides=strides, padding=1, dst="y")
+        sc = _shortcut(b, name, channels, width, strides, m.shortcut)
+        b.bn(f"{name}/bn1", "y")
+        b.op("add", f"{name}/add1", "y", "h", src2=sc)
+        b.bconv(f"{name}/conv2", strides=1, padding=1, src="h", dst="y")
+        b.bn(f"{name}/bn2", "y")
+        b.op("add", f"{name}/add2", "y", "x", src2="h")
       else:
-        raise NotExportableError(
-            f"model {b.model_name!r}: block {getattr(m.block_cls, '__name__', m.block_cls)!r} "
-            "has no packed exporter (BasicBlock and BiRealBlock do).")
+        raise NotExportableError(_no_block_exporter(m, b.model_name))
       channels = width
   b.op("global_avg_pool", "pool")
   if m.head_bn:
     b.bn("head_bn")
   b.dense("fc")
+
+
+# ReActNet's blocks (a BiRealNetBlock with RPReLU) have no packed ops yet.
+_BLOCKS = (resnet.BasicBlock, resnet.BiRealBlock, birealnet.BiRealNetBlock)
+
+
+def _no_block_exporter(m: resnet.ResNet, model_name: str) -> str:
+  block = m.block_cls
+  if isinstance(block, functools.partial):  # e.g. ReActNet's BiRealNetBlock(post_add=RPReLU)
+    options = ", ".join(f"{k}={getattr(v, '__name__', v)}" for k, v in block.keywords.items())
+    block = f"{block.func.__name__}({options})"
+  else:
+    block = getattr(block, "__name__", block)
+  return (f"model {model_name!r}: block {block} has no packed exporter "
+          f"({', '.join(c.__name__ for c in _BLOCKS)} do).")
 
 
 def _shortcut(b: _Builder, name: str, cin: int, cout: int, strides: int, kind: str) -> str:
@@ -270,6 +291,8 @@ def _exporter(model, model_name):
 def check_exportable(model, model_name: str) -> None:
   """Raises :class:`NotExportableError` naming the model and the reason."""
   _exporter(model, model_name)
+  if isinstance(model, resnet.ResNet) and model.block_cls not in _BLOCKS:
+    raise NotExportableError(_no_block_exporter(model, model_name))
   iq, kq = model.input_quantizer, model.kernel_quantizer
   if binarize.is_identity(iq) and binarize.is_identity(kq):
     raise NotExportableError(

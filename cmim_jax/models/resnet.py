@@ -6,18 +6,13 @@
 * ResNet-20 (IR-Net, Bi-Real style, CIFAR): FP stem + BN + hardtanh, widths
   16-32-64, three :class:`BiRealBlock` per stage, a real-valued shortcut
   around every binary conv, option-A (subsample + zero-pad) downsampling.
-* Bi-Real ResNet-18 (ImageNet, ``birealnet18``): ImageNet stem (FP 7x7
-  stride-2 conv + BN + 3x3 stride-2 max-pool, no activation), widths
-  64-128-256-512, two :class:`BiRealBlock` per stage (16 binary 3x3 convs,
-  a real shortcut around each), Bi-Real downsampling (2x2 average pool + FP
-  1x1 conv + BN, ``'avgpool_real'``); head GAP -> FP dense (no head BN, as
-  in Bi-Real). Bi-Real quantizers by default: ApproxSign inputs and
-  magnitude-aware weights (per-output-channel mean-|W| scale, i.e.
-  ``'xnor_weight'``). One deviation: Bi-Real adds the shortcut and feeds the
-  sum on unclipped, while :class:`BiRealBlock` applies hardtanh after each
-  add (the IR-Net ResNet-20 block, shared as is). The clip keeps the sign
-  the next binary conv sees, but the clipped sum is what later shortcuts
-  carry and accumulate, and no gradient passes where it clips.
+* Clipped Bi-Real ResNet-18 (ImageNet, ``birealnet18_clipped``): the
+  Bi-Real layout (see ``cmim_jax.models.birealnet``, which has the networks
+  as published: ``birealnet18``, ``reactnet18``) built from
+  :class:`BiRealBlock`, which applies hardtanh after each residual add as the
+  IR-Net ResNet-20 does. Neither Bi-Real nor ReActNet clips there: the clip
+  keeps the sign the next binary conv sees, but the clipped sum is what later
+  shortcuts carry, and no gradient passes where it clips.
 
 The stem and the classifier stay full precision. Binary and full-precision
 twins share this code: the FP twin uses the ``'identity'`` quantizers.
@@ -107,7 +102,7 @@ class BiRealBlock(nn.Module):
   """ResNet-20 / Bi-Real ResNet-18 block, a real shortcut around each binary conv:
   ``h = hardtanh(BN(bconv(x)) + shortcut(x))``, ``out = hardtanh(BN(bconv(h)) + h)``.
 
-  Bi-Real Net itself has no hardtanh after the adds; see the module docstring.
+  Bi-Real Net itself has no hardtanh after the adds (``birealnet.BiRealNetBlock``).
   """
   features: int
   strides: int
@@ -138,7 +133,8 @@ class ResNet(nn.Module):
     input_quantizer: activation quantizer of every binary conv.
     kernel_quantizer: weight quantizer of every binary conv.
     input_shift: optional module factory applied before each binary conv's
-      sign (e.g. ``functools.partial(layers.ASD, reduction=16)`` for SD-BNN).
+      sign (e.g. ``functools.partial(layers.ASD, reduction=16)`` for SD-BNN);
+      it must take a ``dtype`` field (it gets the model's).
     shortcut: downsampling shortcut, one of ``SHORTCUTS``.
     stem: ``'cifar'`` (FP 3x3 stride-1 conv + BN) or ``'imagenet'`` (FP 7x7
       stride-2 conv + BN + 3x3 stride-2 max-pool with padding 1).
@@ -173,9 +169,13 @@ class ResNet(nn.Module):
                        "must have the same length")
     schedule = common.resolve_schedule(schedule)
     norm = common.batch_norm(train, self.bn_axis_name, self.dtype)
+    # The shift computes in the model's dtype, or its output would not match
+    # the conv's kernel dtype (bfloat16, float64).
+    shift = (None if self.input_shift is None
+             else functools.partial(self.input_shift, dtype=self.dtype))
     conv = functools.partial(layers.BinaryConv, input_quantizer=self.input_quantizer,
                              kernel_quantizer=self.kernel_quantizer,
-                             input_shift=self.input_shift, dtype=self.dtype)
+                             input_shift=shift, dtype=self.dtype)
     if self.stem not in STEMS:
       raise ValueError(f"unknown stem {self.stem!r}; known: {', '.join(STEMS)}")
     big = self.stem == "imagenet"
@@ -212,10 +212,10 @@ ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
 ResNet20 = functools.partial(ResNet, stage_sizes=(3, 3, 3), widths=(16, 32, 64),
                              block_cls=BiRealBlock, shortcut="option_a",
                              stem_act=True)
-BiRealNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
-                                widths=(64, 128, 256, 512), block_cls=BiRealBlock,
-                                shortcut="avgpool_real", stem="imagenet",
-                                head_bn=False, num_classes=1000, **_BIREAL)
+BiRealNet18Clipped = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
+                                       widths=(64, 128, 256, 512), block_cls=BiRealBlock,
+                                       shortcut="avgpool_real", stem="imagenet",
+                                       head_bn=False, num_classes=1000, **_BIREAL)
 
 # CMIM: binary downsample; IR-Net / SD-BNN: FP downsample ("realds").
 resnet18 = registry.register("resnet18")(ResNet18)
@@ -229,6 +229,5 @@ resnet18_sdbnn = registry.register("resnet18_sdbnn")(
 resnet20 = registry.register("resnet20")(ResNet20)
 resnet20_fp = registry.register("resnet20_fp")(functools.partial(ResNet20, **_FP))
 resnet20_sdbnn = registry.register("resnet20_sdbnn")(functools.partial(ResNet20, **_SDBNN))
-# ImageNet Bi-Real ResNet-18.
-birealnet18 = registry.register("birealnet18")(BiRealNet18)
-birealnet18_fp = registry.register("birealnet18_fp")(functools.partial(BiRealNet18, **_FP))
+# ImageNet Bi-Real ResNet-18 with IR-Net's clipping (not Bi-Real's network).
+birealnet18_clipped = registry.register("birealnet18_clipped")(BiRealNet18Clipped)
