@@ -10,7 +10,7 @@ Multi-host: pass ``--coordinator_address host:port --num_processes N
 localhost); on a Cloud TPU pod or in a SLURM job (``launch/slurm.py``) no
 flag is needed, JAX finds its peers. SIGTERM saves a checkpoint on every
 process and exits 0; a dead peer stops the others with exit code 3 (see
-docs/CLUSTERS.md).
+README, "Running on clusters").
 """
 
 import logging as logging_lib
