@@ -33,8 +33,9 @@ def data_config() -> ml_collections.ConfigDict:
   # 'cifar10', 'cifar100', 'imagenet2012', 'digits', or a custom name for a
   # folder/tfds dataset (then mean/std default to 0.5).
   c.name = "cifar10"
-  # 'auto' | 'tfds' | 'cifar_archive' | 'folder' | 'digits'. 'auto' takes the
-  # first source that finds data (cifar: tfds, cifar_archive, folder).
+  # 'auto' | 'tfds' | 'cifar_archive' | 'folder' | 'digits' | 'shards'
+  # (ArrayRecord shards from `python -m cmim_jax.data.convert`, streamed).
+  # 'auto' takes the first source that finds data (cifar: tfds, cifar_archive, folder).
   c.source = "auto"
   # The tfds data dir (local or gs://; '' = tfds default), the folder holding
   # the CIFAR archive (or the .tar.gz itself), or the image folder (or its
@@ -70,6 +71,19 @@ def data_config() -> ml_collections.ConfigDict:
   # CIFAR-10/100: when no source finds the data, download the python archive
   # (checksum-verified) into the data cache. The CIFAR configs turn it on.
   c.download = False
+  # 'memory' decodes a split once into memory (CIFAR-size data, images of one
+  # size); 'stream' lists files and decodes + crops every batch in worker
+  # processes (ImageNet: image folders, `cmim_jax.data.convert` shards, tfds
+  # array_record); 'auto' streams varying-size datasets (imagenet2012) and
+  # shards, and keeps the rest in memory.
+  c.pipeline = "auto"
+  # Streaming: Grain worker processes building batches (0 = in the main
+  # process, with the prefetch thread; -1 = one per CPU core, up to 16).
+  c.workers = -1
+  # Streaming: an image that cannot be decoded stops the run naming its path
+  # ('error'), or is skipped, logged and counted ('skip'; the next image of
+  # the split takes its place so batches keep their size).
+  c.on_corrupt = "error"
   return c
 
 

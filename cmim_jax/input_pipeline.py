@@ -39,6 +39,7 @@ from cmim_jax.data import iterators as _iterators
 from cmim_jax.data import records as _records
 from cmim_jax.data import sources as _sources
 from cmim_jax.data import splits as _splits
+from cmim_jax.data import streaming as _streaming
 # Re-exported: the public names of the data package.
 # pylint: disable=unused-import
 from cmim_jax.data.augment import example_keys
@@ -59,7 +60,8 @@ from cmim_jax.data.splits import split_names
 # accepts no other.
 DATA_KEYS = ('name', 'source', 'data_dir', 'train_split', 'eval_split',
              'augment', 'cache_dir', 'image_size', 'eval_crop_fraction',
-             'mean', 'std', 'prefetch', 'num_threads', 'download')
+             'mean', 'std', 'prefetch', 'num_threads', 'download',
+             'pipeline', 'workers', 'on_corrupt')
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -89,6 +91,12 @@ def _checked_config(data_config) -> ml_collections.ConfigDict:
   if cfg.source not in _sources.SOURCES:
     raise ValueError(f'data.source={cfg.source!r} is not one of '
                      f'{_sources.SOURCES}.')
+  if cfg.pipeline not in _streaming.PIPELINES:
+    raise ValueError(f'data.pipeline={cfg.pipeline!r} is not one of '
+                     f'{_streaming.PIPELINES}.')
+  if cfg.on_corrupt not in _streaming.ON_CORRUPT:
+    raise ValueError(f'data.on_corrupt={cfg.on_corrupt!r} is not one of '
+                     f'{_streaming.ON_CORRUPT}.')
   if cfg.augment not in _augment.AUGMENT_MODES:
     raise ValueError(f'data.augment={cfg.augment!r} is not one of '
                      f'{_augment.AUGMENT_MODES}.')
@@ -143,6 +151,11 @@ def get_datasets(data_config, *, global_batch_size: int,
   train_names = _splits.split_names(cfg.train_split)
   eval_names = _splits.split_names(cfg.eval_split) if cfg.eval_split else []
   num_threads = cfg.num_threads or min(16, os.cpu_count() or 1)
+  if _use_streaming(cfg, spec):
+    return _stream_datasets(
+        cfg, spec, train_names, eval_names, global_batch_size=global_batch_size,
+        eval_batch_size=eval_batch_size, seed=seed,
+        process_index=process_index, process_count=process_count)
   data = _sources.load(cfg.source, cfg.name, cfg.data_dir,
                        list(dict.fromkeys(train_names + eval_names)),
                        cache_dir=cfg.cache_dir, num_threads=num_threads,
@@ -219,6 +232,80 @@ def get_datasets(data_config, *, global_batch_size: int,
       num_eval=0 if eval_records is None else len(eval_records),
       mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
       augment=mode, crop_padding=pad, class_names=data.class_names)
+  return train, evals, info
+
+
+def _use_streaming(cfg, spec) -> bool:
+  if cfg.pipeline != 'auto':
+    return cfg.pipeline == 'stream'
+  if cfg.source == 'shards':
+    return True
+  if cfg.data_dir and os.path.isfile(os.path.join(
+      os.path.expanduser(cfg.data_dir), _streaming.SHARDS_META)):
+    return True
+  # Datasets of varying image size (ImageNet) never fit in memory.
+  return spec.crop == 'resized_crop'
+
+
+def _stream_datasets(cfg, spec, train_names, eval_names, *, global_batch_size,
+                     eval_batch_size, seed, process_index, process_count):
+  """get_datasets for data.pipeline='stream' (see data/streaming.py)."""
+  kind, location, splits, class_names = _streaming.open_splits(
+      cfg.source, cfg.name, cfg.data_dir,
+      list(dict.fromkeys(train_names + eval_names)))
+  if spec.num_classes is not None and len(class_names) != spec.num_classes:
+    raise ValueError(
+        f'{cfg.name} has {spec.num_classes} classes but {location} has '
+        f'{len(class_names)} ({", ".join(class_names[:20])}); fix the data '
+        f'or use another data.name.')
+  sizes = {s: len(r) for s, r in splits.items()}
+
+  def select(split):
+    return _streaming.Selection([
+        (splits[s], a, b) for s, a, b in _splits.resolve_split(split, sizes)])
+
+  mode = spec.augment if cfg.augment == 'auto' else cfg.augment
+  if mode == 'device':
+    mode = 'host'  # Streamed images differ in size: the crop is on the host.
+    if cfg.augment == 'device':
+      raise ValueError(
+          "augment='device' pads and crops fixed-size images in the step; "
+          "streamed images are cropped on the host: use augment='host' (or "
+          "'none', or data.pipeline='memory' for small fixed-size data).")
+  size = cfg.image_size or 224
+  channels = 3
+  mean = tuple(cfg.mean) or spec.mean or (_catalogue.DEFAULT_MEAN,) * channels
+  std = tuple(cfg.std) or spec.std or (_catalogue.DEFAULT_STD,) * channels
+  if len(mean) != channels or len(std) != channels:
+    raise ValueError(f'data.mean={mean} / data.std={std} need {channels} '
+                     f'values, one per channel.')
+  workers = cfg.workers if cfg.workers >= 0 else _streaming.default_workers()
+
+  def builder(train, records):
+    return _streaming.Builder(
+        records=records, size=size, crop_fraction=cfg.eval_crop_fraction,
+        random=train and mode == 'host', on_corrupt=cfg.on_corrupt, seed=seed)
+
+  train_records = select(cfg.train_split)
+  b = builder(True, train_records)
+  train = _streaming.StreamTrainData(
+      train_records, global_batch_size=global_batch_size, seed=seed,
+      process_index=process_index, process_count=process_count, builder=b,
+      workers=workers, prefetch=cfg.prefetch, split=cfg.train_split)
+  evals = None
+  if cfg.eval_split:
+    eval_records = select(cfg.eval_split)
+    b = builder(False, eval_records)
+    evals = _streaming.StreamEvalData(
+        eval_records, global_batch_size=eval_batch_size,
+        process_index=process_index, process_count=process_count, builder=b,
+        workers=workers, prefetch=cfg.prefetch)
+  info = DatasetInfo(
+      name=cfg.name, source=kind, num_classes=len(class_names),
+      image_shape=(size, size, channels), num_train=len(train_records),
+      num_eval=0 if evals is None else evals.num_examples,
+      mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+      augment=mode, crop_padding=0, class_names=class_names)
   return train, evals, info
 
 

@@ -26,7 +26,9 @@ LOADERS = {
     'folder': folder.load,
     'digits': digits.load,
 }
-SOURCES = ('auto',) + tuple(LOADERS)
+# Sources only the streaming pipeline reads (data/streaming.py).
+STREAM_ONLY = ('shards',)
+SOURCES = ('auto',) + tuple(LOADERS) + STREAM_ONLY
 
 
 def load(source: str, name: str, data_dir: str, split_names: Sequence[str],
@@ -53,6 +55,9 @@ def load(source: str, name: str, data_dir: str, split_names: Sequence[str],
   """
   if source not in SOURCES:
     raise ValueError(f'data.source={source!r} is not one of {SOURCES}.')
+  if source in STREAM_ONLY:
+    raise ValueError(f"data.source={source!r} is read by the streaming "
+                     f"pipeline only; set data.pipeline='stream' (or 'auto').")
   spec = catalogue.dataset_spec(name)
   order = spec.sources if source == 'auto' else (source,)
   looked = []
