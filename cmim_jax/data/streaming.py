@@ -109,6 +109,10 @@ class FolderSplit:
   def __len__(self):
     return len(self._labels)
 
+  def fetch_path(self, i: int):
+    """``(path, label)`` of row ``i``."""
+    return os.path.join(self.root, self._files[i]), int(self._labels[i])
+
   def fetch(self, i: int):
     """``(encoded bytes, label, path)`` of row ``i``."""
     path = os.path.join(self.root, self._files[i])
@@ -227,7 +231,14 @@ class ShardSplit:
       from grain import sources  # pylint: disable=g-import-not-at-top
       self._source = sources.ArrayRecordDataSource(self._paths)
     where = f'record {i} of the shards {os.path.dirname(self._paths[0])}'
-    index, label, path, data = unpack_record(self._source[i], where)
+    try:
+      record = self._source[i]
+    except RuntimeError as e:  # Riegeli's own chunk hash failed.
+      raise CorruptImageError(
+          f'{where} cannot be read ({e}): the shard is damaged. Delete it '
+          f'and run `python -m cmim_jax.data.convert` again (it rewrites '
+          f'missing shards only).') from None
+    index, label, path, data = unpack_record(record, where)
     if index != i:
       raise CorruptImageError(f'{where} holds row {index}: shards are out '
                               f'of order or mixed; convert again.')
