@@ -250,6 +250,14 @@ def _use_streaming(cfg, spec) -> bool:
 def _stream_datasets(cfg, spec, train_names, eval_names, *, global_batch_size,
                      eval_batch_size, seed, process_index, process_count):
   """get_datasets for data.pipeline='stream' (see data/streaming.py)."""
+  mode = spec.augment if cfg.augment == 'auto' else cfg.augment
+  if mode == 'device':
+    mode = 'host'  # Streamed images differ in size: the crop is on the host.
+    if cfg.augment == 'device':
+      raise ValueError(
+          "augment='device' pads and crops fixed-size images in the step; "
+          "streamed images are cropped on the host: use augment='host' (or "
+          "'none', or data.pipeline='memory' for small fixed-size data).")
   kind, location, splits, class_names = _streaming.open_splits(
       cfg.source, cfg.name, cfg.data_dir,
       list(dict.fromkeys(train_names + eval_names)))
@@ -264,14 +272,6 @@ def _stream_datasets(cfg, spec, train_names, eval_names, *, global_batch_size,
     return _streaming.Selection([
         (splits[s], a, b) for s, a, b in _splits.resolve_split(split, sizes)])
 
-  mode = spec.augment if cfg.augment == 'auto' else cfg.augment
-  if mode == 'device':
-    mode = 'host'  # Streamed images differ in size: the crop is on the host.
-    if cfg.augment == 'device':
-      raise ValueError(
-          "augment='device' pads and crops fixed-size images in the step; "
-          "streamed images are cropped on the host: use augment='host' (or "
-          "'none', or data.pipeline='memory' for small fixed-size data).")
   size = cfg.image_size or 224
   channels = 3
   mean = tuple(cfg.mean) or spec.mean or (_catalogue.DEFAULT_MEAN,) * channels

@@ -18,6 +18,8 @@ def _config(**kw):
   c = default_config.data_config()
   c.prefetch = 0
   c.num_threads = 1
+  # mock_data patches this process only, not Grain's worker processes.
+  c.workers = 0
   c.update(kw)
   return c
 

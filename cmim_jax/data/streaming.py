@@ -509,52 +509,84 @@ class StreamEvalData(_iterators.EvalData):
 
 
 def open_splits(source: str, name: str, data_dir: str, split_names):
-  """``(kind, location, {split: records}, class_names)`` for streaming."""
-  if source in ('auto', 'folder', 'shards') and data_dir and '://' not in data_dir:
-    root = os.path.realpath(os.path.expanduser(data_dir))
-    if os.path.isfile(os.path.join(root, SHARDS_META)) and source != 'folder':
-      meta = read_shards_meta(root)
-      splits = {s: ShardSplit(root, s, meta) for s in split_names}
-      return 'shards', root, splits, tuple(meta['classes'])
-    if source == 'shards':
-      raise _records.DataNotFoundError(
-          f'no {SHARDS_META} in {root}; make shards with `python -m '
-          f'cmim_jax.data.convert IMAGE_FOLDER {data_dir}`.')
-    if os.path.isdir(root):
-      classes = sorted({c for s in split_names
-                        for c, _ in list_split(os.path.join(root, s))})
-      splits = {s: FolderSplit(root, s, tuple(classes)) for s in split_names}
-      return 'folder', root, splits, tuple(classes)
-    if os.path.isfile(root):
-      raise ValueError(
-          f'data.data_dir={data_dir!r} is a file; streaming reads a folder '
-          f'DIR/<split>/<class>/*.jpg or convert shards. Extract the '
-          f'archive, or use the in-memory pipeline (data.pipeline=\'memory\') '
-          f'for small datasets.')
-    if source != 'auto':
-      raise _records.DataNotFoundError(f'{root} does not exist.')
-  if source in ('auto', 'tfds'):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    dd = os.path.expanduser(data_dir) if data_dir else None
+  """``(kind, location, {split: records}, class_names)`` for streaming.
+
+  ``source`` 'auto' takes shards (a folder with ``cmim_jax_shards.json``),
+  then an image folder, then tfds; 'shards', 'folder' and 'tfds' only that.
+  """
+  if source not in ('auto', 'folder', 'shards', 'tfds'):
+    raise ValueError(f"data.source={source!r} cannot stream; use 'folder', "
+                     f"'shards', 'tfds' or 'auto' (or data.pipeline="
+                     f"'memory').")
+  looked = []
+  if source != 'tfds':
     try:
-      builder = tfds.builder(name, data_dir=dd)
-    except tfds.core.registered.DatasetNotFoundError:
-      raise _records.DataNotFoundError(
-          f'tfds has no dataset named {name!r} and data.data_dir='
-          f'{data_dir!r} is not a folder.') from None
-    if not builder.is_prepared():
-      raise _records.DataNotFoundError(
-          f'tfds {name!r} is not prepared in {builder.data_dir}.')
-    if str(builder.info.file_format).split('.')[-1].lower() != 'array_record':
+      return _open_local(source, data_dir, split_names)
+    except _records.DataNotFoundError as e:
+      if source != 'auto':
+        raise
+      looked.append(f'  - folder/shards: {e}')
+  try:
+    return _open_tfds(name, data_dir, split_names)
+  except _records.DataNotFoundError as e:
+    if source != 'auto':
+      raise
+    looked.append(f'  - tfds: {e}')
+  raise _records.DataNotFoundError(
+      f'No data found for {name!r} (data.data_dir={data_dir!r}). Looked at:\n'
+      + '\n'.join(looked))
+
+
+def _open_local(source, data_dir, split_names):
+  if not data_dir or '://' in data_dir:
+    raise _records.DataNotFoundError(
+        f'data.data_dir={data_dir!r} is not a local folder.')
+  root = os.path.realpath(os.path.expanduser(data_dir))
+  if os.path.isfile(os.path.join(root, SHARDS_META)) and source != 'folder':
+    meta = read_shards_meta(root)
+    splits = {s: ShardSplit(root, s, meta) for s in split_names}
+    return 'shards', root, splits, tuple(meta['classes'])
+  if source == 'shards':
+    raise _records.DataNotFoundError(
+        f'no {SHARDS_META} in {root}; make shards with `python -m '
+        f'cmim_jax.data.convert IMAGE_FOLDER {data_dir}`.')
+  if os.path.isfile(root):
+    raise ValueError(
+        f'data.data_dir={data_dir!r} is a file; streaming reads a folder '
+        f'DIR/<split>/<class>/*.jpg or convert shards. Extract the archive, '
+        f"or use data.pipeline='memory' for small datasets.")
+  if not os.path.isdir(root):
+    raise _records.DataNotFoundError(f'{root} does not exist.')
+  classes = sorted({c for s in split_names
+                    for c, _ in list_split(os.path.join(root, s))})
+  splits = {s: FolderSplit(root, s, tuple(classes)) for s in split_names}
+  return 'folder', root, splits, tuple(classes)
+
+
+def _open_tfds(name, data_dir, split_names):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  dd = os.path.expanduser(data_dir) if data_dir else None
+  try:
+    builder = tfds.builder(name, data_dir=dd)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise _records.DataNotFoundError(
+        f'tfds has no dataset named {name!r}.') from None
+  where = f'tfds {name!r} in {builder.data_dir}'
+  splits = {}
+  for split in split_names:
+    try:
+      splits[split] = TfdsSplit(name, split, dd)
+    except Exception as e:  # pylint: disable=broad-except
+      if not builder.is_prepared():
+        raise _records.DataNotFoundError(f'{where} is not prepared.') from None
+      if split not in builder.info.splits:
+        raise ValueError(f'{where} has no split {split!r}; it has '
+                         f'{list(builder.info.splits)}.') from None
       raise ValueError(
-          f'tfds {name!r} in {builder.data_dir} is stored as '
-          f'{builder.info.file_format}; streaming reads array_record '
-          f'(prepare with --file_format=array_record).')
-    splits = {s: TfdsSplit(name, s, dd) for s in split_names}
-    return ('tfds', f'tfds {name!r} in {builder.data_dir}', splits,
-            tuple(builder.info.features['label'].names))
-  raise ValueError(f"data.source={source!r} cannot stream; use 'folder', "
-                   f"'shards', 'tfds' or 'auto'.")
+          f'{where} cannot be streamed ({e}); streaming reads array_record '
+          f'(prepare it with --file_format=array_record).') from None
+  return ('tfds', where, splits,
+          tuple(builder.info.features['label'].names))
 
 
 def default_workers() -> int:
