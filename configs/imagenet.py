@@ -1,11 +1,17 @@
 r"""ImageNet (ILSVRC-2012), Bi-Real ResNet-18 1w1a with CMIM.
 
-  python -m cmim_jax.main --config configs/imagenet.py --workdir runs/imagenet
+  python -m cmim_jax.main --config configs/imagenet.py --workdir runs/imagenet \
+      --config.data.data_dir=/data/imagenet
 
-needs tfds ``imagenet2012`` prepared under ``data.data_dir`` (or the tfds
-default; override with ``--config.data.data_dir=gs://...``). Host-side
-random-resized crop 224 (scale 0.08-1) + flip for training, central 224/256
-crop for evaluation on the 50k ``validation`` split.
+reads ImageNet from ``data.data_dir``, whichever of the three forms it holds
+(README, "Data"): an image folder ``train/<wnid>/*.JPEG`` +
+``val/<wnid>/*.JPEG`` (torchvision's layout; ``val`` stands in for the
+``validation`` split), the ArrayRecord shards ``python -m
+cmim_jax.data.convert`` makes of one, or a tfds ``imagenet2012`` prepared as
+array_record. Batches are streamed: decoded and cropped in ``data.workers``
+worker processes (one per core by default), never held in memory.
+Random-resized crop 224 (scale 0.08-1) + flip for training, central 224/256
+crop for evaluation on the 50k validation images.
 
 Model ``birealnet18`` with its Bi-Real quantizers (ApproxSign inputs,
 magnitude-aware per-channel weights, i.e. ``'xnor_weight'``); the IR-Net EDE
@@ -21,7 +27,8 @@ value is not published, so this stays conservative until a sweep says
 otherwise. ``cmim.weight=0`` gives the plain Bi-Real baseline.
 
 ``configs/imagenet.py:smoke`` shrinks it to a short CPU run (64x64 crops,
-20 steps of 32, 256 evaluation images); it still needs the tfds data.
+20 steps of 32, 256 evaluation images from the training split, 2 workers);
+any folder of 1000 class folders of JPEGs of any size will do for it.
 """
 
 from cmim_jax import default_config
@@ -30,8 +37,9 @@ from cmim_jax import default_config
 def get_config(variant: str = ""):
   config = default_config.get_config()
   config.data.name = "imagenet2012"
-  config.data.source = "tfds"
-  config.data.augment = "auto"  # 'host': random-resized crop + flip in the iterator.
+  config.data.source = "auto"  # Shards, else an image folder, else tfds.
+  config.data.pipeline = "stream"
+  config.data.augment = "auto"  # 'host': random-resized crop + flip in the workers.
   config.data.image_size = 224
   config.data.train_split = "train"
   config.data.eval_split = "validation"
@@ -57,4 +65,7 @@ def get_config(variant: str = ""):
   config.log_every_steps = 100
   config.eval_every_steps = 5000
   config.checkpoint_every_steps = 2500
-  return default_config.apply_variant(config, variant)
+  config = default_config.apply_variant(config, variant)
+  if variant == "smoke":
+    config.data.workers = 2
+  return config

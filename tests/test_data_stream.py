@@ -238,3 +238,35 @@ def test_bad_config_values(folder):
   with pytest.raises(ValueError, match="augment='host'"):
     ip.get_datasets(stream_config(folder, augment='device'),
                     global_batch_size=2, seed=0)
+
+
+def make_imagenet_like(root, num_classes=1000, per_class=1, seed=0):
+  """``root/{train,val}/nXXXXXXXX/*.JPEG``, 1000 classes, sizes 40..130."""
+  rng = np.random.default_rng(seed)
+  for split in ('train', 'val'):
+    for c in range(num_classes):
+      d = os.path.join(root, split, f'n{c:08d}')
+      os.makedirs(d)
+      for i in range(per_class):
+        write_jpeg(os.path.join(d, f'{c}_{i}.JPEG'), rng,
+                   int(rng.integers(40, 130)), int(rng.integers(40, 130)))
+  return str(root)
+
+
+@pytest.mark.multiprocess
+def test_imagenet_smoke_config_streams_a_folder(tmp_path):
+  from configs import imagenet  # pylint: disable=g-import-not-at-top
+  config = imagenet.get_config('smoke')
+  config.data.data_dir = make_imagenet_like(tmp_path)
+  config.data.eval_split = 'validation[:40]'  # Read from val/ (alias).
+  train, evals, info = ip.get_datasets(
+      config.data, global_batch_size=config.batch_size, seed=config.seed)
+  assert info.source == 'folder' and info.num_classes == 1000
+  assert info.image_shape == (64, 64, 3) and info.augment == 'host'
+  assert info.num_train == 1000 and info.num_eval == 40
+  assert config.data.workers == 2
+  got = list(train.iterator(5, num_steps=2))
+  for step, batch in zip((5, 6), got):
+    np.testing.assert_array_equal(batch['image'], train.get_batch(step)['image'])
+  masks = [b['mask'].sum() for b in evals.iterator()]
+  assert masks == [32, 8]

@@ -544,7 +544,8 @@ def _open_local(source, data_dir, split_names):
   root = os.path.realpath(os.path.expanduser(data_dir))
   if os.path.isfile(os.path.join(root, SHARDS_META)) and source != 'folder':
     meta = read_shards_meta(root)
-    splits = {s: ShardSplit(root, s, meta) for s in split_names}
+    splits = {s: ShardSplit(root, split_folder(root, s), meta)
+              for s in split_names}
     return 'shards', root, splits, tuple(meta['classes'])
   if source == 'shards':
     raise _records.DataNotFoundError(
@@ -557,10 +558,27 @@ def _open_local(source, data_dir, split_names):
         f"or use data.pipeline='memory' for small datasets.")
   if not os.path.isdir(root):
     raise _records.DataNotFoundError(f'{root} does not exist.')
+  dirs = {s: split_folder(root, s) for s in split_names}
   classes = sorted({c for s in split_names
-                    for c, _ in list_split(os.path.join(root, s))})
-  splits = {s: FolderSplit(root, s, tuple(classes)) for s in split_names}
+                    for c, _ in list_split(os.path.join(root, dirs[s]))})
+  splits = {s: FolderSplit(root, dirs[s], tuple(classes))
+            for s in split_names}
   return 'folder', root, splits, tuple(classes)
+
+
+# tfds's split names -> the folder names torchvision's ImageNet layout uses.
+SPLIT_ALIASES = {'validation': 'val'}
+
+
+def split_folder(root: str, split: str) -> str:
+  """The folder (or shard split) of ``split`` under ``root``: ``split``,
+  else its alias ('validation' -> 'val') when only that exists."""
+  alias = SPLIT_ALIASES.get(split)
+  if (alias and not os.path.isdir(os.path.join(root, split))
+      and os.path.isdir(os.path.join(root, alias))):
+    logging.info('Split %r read from %s.', split, os.path.join(root, alias))
+    return alias
+  return split
 
 
 def _open_tfds(name, data_dir, split_names):
