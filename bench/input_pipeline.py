@@ -1,4 +1,6 @@
-"""Input pipeline throughput on CIFAR-10 from the shared JPEG archive.
+"""Input pipeline throughput: CIFAR-10 in memory, or ImageNet-style streaming.
+
+Default (CIFAR-10 from the shared JPEG archive):
 
 Times (1) decoding the 50,000 JPEGs of cifar10-train.tar.gz once into
 memory, then augmented batches of 128 (2) with host augmentation (numpy
@@ -9,6 +11,25 @@ printed is a JSON object.
 
 Run:
   .venv/bin/python bench/input_pipeline.py [--data PATH] [--batches 200]
+
+``--imagenet``: ImageNet-style decode + random-resized crop 224 + flip on a
+generated folder of variable-size JPEGs (``--images``, sizes like
+ImageNet's, 250..700 px a side, quality 90; or ``--folder DIR`` of your own
+``*.JPEG``). Each per-image method runs alone in a fresh process pinned to
+one core, so its rate is images/s per core and its peak RSS its own:
+
+* ``pil_baseline``: ``Image.open().convert('RGB')``, crop, resize 224
+  bilinear, flip: torchvision's default ``ImageFolder`` +
+  ``RandomResizedCrop`` path on PIL images.
+* ``stream_full_decode``: this library's crop (``streaming.decode_crop``)
+  with full-size decoding.
+* ``stream``: the same with reduced-size JPEG decoding, the library's path.
+
+Then the whole streaming pipeline (``get_datasets`` + Grain workers,
+``--workers``, batches of ``--batch-size``): images/s overall and per
+worker, and the peak RSS of the main process plus its workers.
+
+  .venv/bin/python bench/input_pipeline.py --imagenet [--images 300]
 """
 
 import argparse
@@ -45,7 +66,18 @@ def main(argv=None) -> int:
                       help='timed batches per mode (after one warm-up batch)')
   parser.add_argument('--prefetch', type=int, default=0,
                       help='iterator prefetch depth (0: no thread)')
+  parser.add_argument('--imagenet', action='store_true',
+                      help='ImageNet-style streaming benchmark (see above)')
+  parser.add_argument('--images', type=int, default=300)
+  parser.add_argument('--folder', default='',
+                      help='--imagenet: a folder of JPEGs instead of '
+                      'generated ones')
+  parser.add_argument('--workers', type=int, default=0,
+                      help='--imagenet: Grain workers (0: one per core)')
+  parser.add_argument('--size', type=int, default=224)
   args = parser.parse_args(argv)
+  if args.imagenet:
+    return imagenet_main(args)
 
   if not os.path.exists(args.data):
     reason = (f'{args.data} not found; pass --data or set CMIM_SHARED_DATA '
@@ -108,6 +140,153 @@ def main(argv=None) -> int:
   result['device_aug_iterator_images_per_s'] = host_only
   result['device_aug_images_per_s'] = device_total
 
+  print(json.dumps(result))
+  return 0
+
+
+# ------------------------------------------------------------ --imagenet
+
+
+def _make_folder(root: str, n: int) -> list[str]:
+  """``n`` JPEGs of ImageNet-like sizes and content in 10 class folders."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  paths = []
+  for i in range(n):
+    w, h = int(rng.integers(250, 701)), int(rng.integers(250, 601))
+    # Photo-like: a few smooth blobs of colour plus sensor-like noise (pure
+    # noise would make decoding unrealistically slow, flat colour too fast).
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for _ in range(6):
+      cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+      r = rng.uniform(30, 200)
+      img += rng.uniform(0, 255, 3) * np.exp(
+          -((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))[..., None]
+    img = np.clip(img / max(1.0, img.max() / 255) + rng.normal(0, 8, img.shape),
+                  0, 255)
+    d = os.path.join(root, 'train', f'n{i % 10:08d}')
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f'{i:06d}.JPEG')
+    Image.fromarray(img.astype(np.uint8)).save(path, quality=90)
+    paths.append(path)
+  return paths
+
+
+def _per_image(method: str, paths: list, size: int, core: int, queue):
+  """Runs one method over ``paths`` in this (fresh) process, on one core."""
+  import resource  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from cmim_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from cmim_jax.data import streaming  # pylint: disable=g-import-not-at-top
+  if hasattr(os, 'sched_setaffinity'):
+    os.sched_setaffinity(0, {core})
+
+  def baseline(data, rng):
+    import io  # pylint: disable=g-import-not-at-top
+    with Image.open(io.BytesIO(data)) as im:
+      im = im.convert('RGB')
+      top, left, h, w = augment.sample_resized_crop_box(rng, im.height,
+                                                        im.width)
+      im = im.crop((left, top, left + w, top + h)).resize(
+          (size, size), Image.BILINEAR)
+      if rng.random() < 0.5:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+      return np.asarray(im)
+
+  def ours(reduced):
+    return lambda data, rng: streaming.decode_crop(
+        data, 'bench', size=size, rng=rng, reduced=reduced)
+
+  fn = {'pil_baseline': baseline, 'stream_full_decode': ours(False),
+        'stream': ours(True)}[method]
+  blobs = []
+  for p in paths:  # Bytes in memory: the rate is decode + crop, not disk.
+    with open(p, 'rb') as fh:
+      blobs.append(fh.read())
+  for i, b in enumerate(blobs[:10]):  # Warm-up.
+    fn(b, np.random.default_rng(i))
+  start = time.perf_counter()
+  for i, b in enumerate(blobs):
+    fn(b, np.random.default_rng(i))
+  seconds = time.perf_counter() - start
+  queue.put((len(blobs) / seconds,
+             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def _pipeline(root: str, size: int, workers: int, batch: int, steps: int):
+  """Images/s and peak RSS (main + workers) of the streaming pipeline."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  cfg = default_config.data_config()
+  cfg.update(dict(name='bench', source='folder', data_dir=root,
+                  train_split='train', eval_split='', pipeline='stream',
+                  augment='host', image_size=size, workers=workers,
+                  prefetch=2))
+  train, _, _ = input_pipeline.get_datasets(cfg, global_batch_size=batch,
+                                            seed=0)
+  me = psutil.Process()
+  peak = 0.0
+  it = train.iterator(0, num_steps=steps + 1)
+  next(it)  # Workers started, first batch built.
+  start = time.perf_counter()
+  for _ in it:
+    rss = me.memory_info().rss + sum(
+        c.memory_info().rss for c in me.children(recursive=True))
+    peak = max(peak, rss / 2**20)
+  seconds = time.perf_counter() - start
+  return steps * batch / seconds, peak
+
+
+def imagenet_main(args) -> int:
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  cores = len(os.sched_getaffinity(0)) if hasattr(
+      os, 'sched_getaffinity') else os.cpu_count()
+  tmp = None
+  if args.folder:
+    root = os.path.realpath(args.folder)
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root)
+                   for f in fs if f.lower().endswith(('.jpg', '.jpeg')))
+    paths = paths[:args.images]
+  else:
+    tmp = tempfile.mkdtemp(prefix='cmim_bench_')
+    root = tmp
+    paths = _make_folder(root, args.images)
+  result = {'benchmark': 'input_pipeline_imagenet', 'images': len(paths),
+            'size': args.size, 'cores': cores,
+            'loadavg_1min': round(os.getloadavg()[0], 2)}
+  try:
+    ctx = multiprocessing.get_context('spawn')
+    core = sorted(os.sched_getaffinity(0))[-1] if hasattr(
+        os, 'sched_getaffinity') else 0
+    for method in ('pil_baseline', 'stream_full_decode', 'stream'):
+      q = ctx.Queue()
+      p = ctx.Process(target=_per_image,
+                      args=(method, paths, args.size, core, q))
+      p.start()
+      rate, rss = q.get()
+      p.join()
+      result[f'{method}_images_per_s_per_core'] = round(rate, 1)
+      result[f'{method}_peak_rss_mb'] = round(rss, 1)
+    result['speedup_vs_pil'] = round(
+        result['stream_images_per_s_per_core']
+        / result['pil_baseline_images_per_s_per_core'], 2)
+    if not args.folder:
+      workers = args.workers or cores
+      batch = args.batch_size
+      steps = max(1, (2 * len(paths)) // batch)
+      rate, peak = _pipeline(root, args.size, workers, batch, steps)
+      result.update({'pipeline_workers': workers, 'pipeline_batch': batch,
+                     'pipeline_images_per_s': round(rate, 1),
+                     'pipeline_images_per_s_per_worker': round(
+                         rate / workers, 1),
+                     'pipeline_peak_rss_mb': round(peak, 1)})
+  finally:
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
   print(json.dumps(result))
   return 0
 
