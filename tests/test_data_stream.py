@@ -270,3 +270,16 @@ def test_imagenet_smoke_config_streams_a_folder(tmp_path):
     np.testing.assert_array_equal(batch['image'], train.get_batch(step)['image'])
   masks = [b['mask'].sum() for b in evals.iterator()]
   assert masks == [32, 8]
+
+
+@pytest.mark.multiprocess
+def test_corrupt_image_in_a_worker_stops_the_run_with_its_path(tmp_path):
+  root = make_folder(tmp_path, splits=(('train', 4), ('val', 1)))
+  bad = os.path.join(root, 'train', 'bee', '002.jpg')
+  with open(bad, 'wb') as fh:
+    fh.write(b'not a jpeg')
+  train, _, _ = ip.get_datasets(stream_config(root, workers=2, prefetch=1),
+                                global_batch_size=4, seed=0)
+  with pytest.raises(streaming.CorruptImageError, match='bee/002.jpg'):
+    for _ in train.iterator(0, num_steps=train.steps_per_epoch):
+      pass
