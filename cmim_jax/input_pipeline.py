@@ -14,6 +14,12 @@ pad-crop-flip there when ``augment == 'device'``. Typical use::
          #     train=True, augment=config.data.augment,
          #     index_offset=jax.lax.axis_index('data') * local_batch)
 
+Small datasets are decoded once into memory; large ones or ones of many image
+sizes (ImageNet; ``data.pipeline``) are streamed, decoded and cropped per
+batch in Grain worker processes, from an image folder, ArrayRecord shards
+(``python -m cmim_jax.data.convert``) or tfds array_record data
+(``cmim_jax/data/streaming.py``), with the same batch contract.
+
 Sources (``data.source``): 'tfds' (``tfds.data_source`` on array_record
 data; ``tfds.load`` only if TensorFlow is installed), 'cifar_archive' (the
 python-pickle CIFAR archives, folder or .tar.gz), 'folder'
@@ -258,9 +264,12 @@ def _stream_datasets(cfg, spec, train_names, eval_names, *, global_batch_size,
           "augment='device' pads and crops fixed-size images in the step; "
           "streamed images are cropped on the host: use augment='host' (or "
           "'none', or data.pipeline='memory' for small fixed-size data).")
-  kind, location, splits, class_names = _streaming.open_splits(
-      cfg.source, cfg.name, cfg.data_dir,
-      list(dict.fromkeys(train_names + eval_names)))
+  try:
+    kind, location, splits, class_names = _streaming.open_splits(
+        cfg.source, cfg.name, cfg.data_dir,
+        list(dict.fromkeys(train_names + eval_names)))
+  except DataNotFoundError as e:
+    raise DataNotFoundError(f'{e}\nTo provide it: {spec.how_to}') from None
   if spec.num_classes is not None and len(class_names) != spec.num_classes:
     raise ValueError(
         f'{cfg.name} has {spec.num_classes} classes but {location} has '

@@ -283,3 +283,13 @@ def test_corrupt_image_in_a_worker_stops_the_run_with_its_path(tmp_path):
   with pytest.raises(streaming.CorruptImageError, match='bee/002.jpg'):
     for _ in train.iterator(0, num_steps=train.steps_per_epoch):
       pass
+
+
+def test_no_imagenet_says_where_it_looked_and_the_three_ways_in(tmp_path):
+  c = stream_config(tmp_path / 'missing', source='auto', pipeline='auto',
+                    eval_split='validation')
+  c.name = 'imagenet2012'
+  with pytest.raises(ip.DataNotFoundError,
+                     match=r'(?s)missing does not exist.*tfds.*To provide it:'
+                     r'.*image folder.*cmim_jax.data.convert.*tfds build'):
+    ip.get_datasets(c, global_batch_size=4, seed=0)

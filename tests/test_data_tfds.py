@@ -77,7 +77,7 @@ def test_imagenet_host_crops_fixed_size(tmp_path):
 def test_tfds_not_prepared(tmp_path):
   cfg = _config(name='cifar10', source='tfds', data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r'(?s)not prepared.*To provide it: '
-                     r'prepare it with tfds'):
+                     r'.*cifar-10-python.tar.gz'):
     ip.get_datasets(cfg, global_batch_size=4, seed=0)
 
 

@@ -70,11 +70,14 @@ DATASETS = {
     'imagenet2012': DatasetSpec(
         1000, None, IMAGENET_MEAN, IMAGENET_STD, ('train', 'validation'),
         'host', 'resized_crop', ('tfds',),
-        'download ILSVRC2012_img_{train,val}.tar into DIR/downloads/manual, '
-        '`pip install tensorflow` (tfds needs it to prepare, not to read), '
-        'and run `tfds build imagenet2012 --file_format=array_record '
-        '--data_dir=DIR --manual_dir=DIR/downloads/manual`, then set '
-        'data.data_dir=DIR (a gs:// bucket works too).'),
+        'set data.data_dir=DIR to an image folder DIR/train/<wnid>/*.JPEG + '
+        'DIR/val/<wnid>/*.JPEG (torchvision\'s layout), or to the shards '
+        '`python -m cmim_jax.data.convert FOLDER DIR` makes of one (no '
+        'TensorFlow needed), or to a tfds data dir: download '
+        'ILSVRC2012_img_{train,val}.tar into DIR/downloads/manual, `pip '
+        'install tensorflow` (tfds needs it to prepare, not to read), run '
+        '`tfds build imagenet2012 --file_format=array_record --data_dir=DIR '
+        '--manual_dir=DIR/downloads/manual` (a gs:// bucket works too).'),
     'digits': DatasetSpec(
         10, (8, 8, 1), DIGITS_MEAN, DIGITS_STD, ('train', 'test'), 'none',
         'pad_crop', ('digits',),
