@@ -110,10 +110,28 @@ def test_reduced_jpeg_decoding_is_close_to_full_decoding(tmp_path):
         seed), reduced=True, **kw).astype(float)
     diffs.append(np.abs(full - fast).mean())
   # Same window (same rng draws); only the decode scale differs.
-  assert max(diffs) < 6, diffs
-  with Image.open(path) as im:  # And the reduction does happen.
-    im.draft('RGB', (80, 60))
-    assert im.size == (80, 60)
+  assert max(diffs) < 2, diffs
+
+
+def test_reduced_decoding_happens_only_when_the_crop_allows(tmp_path,
+                                                            monkeypatch):
+  from PIL import JpegImagePlugin  # pylint: disable=g-import-not-at-top
+  sizes = []
+  draft = JpegImagePlugin.JpegImageFile.draft
+
+  def spy(self, mode, size):
+    out = draft(self, mode, size)
+    sizes.append(self.size)
+    return out
+
+  monkeypatch.setattr(JpegImagePlugin.JpegImageFile, 'draft', spy)
+  path = tmp_path / 'big.jpg'
+  write_jpeg(path, np.random.default_rng(1), 640, 480)
+  # Central crop 420x420 of 640x480 to 32: 1/8 scale still leaves 52 px.
+  streaming.decode_crop(path.read_bytes(), 'big.jpg', size=32)
+  # To 224: 1/2 scale would leave 210 < 224 px: full size.
+  streaming.decode_crop(path.read_bytes(), 'big.jpg', size=224)
+  assert sizes == [(80, 60), (640, 480)]
 
 
 def test_batches_do_not_depend_on_process_count(folder):
