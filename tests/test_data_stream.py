@@ -311,3 +311,22 @@ def test_no_imagenet_says_where_it_looked_and_the_three_ways_in(tmp_path):
                      match=r'(?s)missing does not exist.*tfds.*To provide it:'
                      r'.*image folder.*cmim_jax.data.convert.*tfds build'):
     ip.get_datasets(c, global_batch_size=4, seed=0)
+
+
+def test_listing_is_compact_and_decodes_nothing(tmp_path, monkeypatch):
+  """A split costs its file names, not its pixels: held in one buffer."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  for c in CLASSES:
+    d = tmp_path / 'train' / c
+    os.makedirs(d)
+    for i in range(1000):
+      (d / f'img_{i:06d}.JPEG').write_bytes(b'')  # Never opened.
+  opened = []
+  monkeypatch.setattr(Image, 'open', lambda *a, **k: opened.append(a))
+  train, _, info = ip.get_datasets(
+      stream_config(tmp_path, eval_split=''), global_batch_size=30, seed=0)
+  assert info.num_train == 3000 and not opened
+  per_file = len(pickle.dumps(train._records)) / 3000  # pylint: disable=protected-access
+  # Names such as 'train/ant/img_000123.JPEG' are 25 bytes; + an 8-byte
+  # offset and a 4-byte label.
+  assert per_file < 45, per_file
