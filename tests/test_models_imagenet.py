@@ -92,7 +92,9 @@ class ImageNetConfigTest(parameterized.TestCase):
     train.validate_config(config)  # Every default key present, values valid.
     self.assertEqual(config.model.name, "birealnet18")
     self.assertIn(config.model.name, models.MODEL_NAMES)
-    self.assertEqual((config.data.name, config.data.source), ("imagenet2012", "tfds"))
+    # Shards, else an image folder, else tfds; streamed, never decoded whole.
+    self.assertEqual((config.data.name, config.data.source, config.data.pipeline),
+                     ("imagenet2012", "auto", "stream"))
 
   def test_full_and_smoke_values(self):
     full, smoke = imagenet.get_config(), imagenet.get_config("smoke")
