@@ -1,5 +1,6 @@
 """Packed export at the edges: the file format's errors, a run directory, the
 command line, and the jax.export artifact run without cmim_jax."""
+import functools
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmim_jax import checkpointing, export, models
+from cmim_jax import checkpointing, export, layers, models
 from cmim_jax.export import fileformat, pack
+from cmim_jax.models import birealnet
 
 from test_export import _images, randomized_variables
 
@@ -218,6 +220,13 @@ def test_half_binary_and_unknown_architectures_are_refused_by_name():
   weights_only = models.get_model("resnet20", num_classes=10, input_quantizer="identity")
   with pytest.raises(pack.NotExportableError, match=r"'resnet20' binarizes only its kernels"):
     pack.check_exportable(weights_only, "resnet20")
+
+  # A Bi-Real block with an activation after the add other than ReActNet's RPReLU.
+  other_act = models.get_model("birealnet18", num_classes=10, block_cls=functools.partial(
+      birealnet.BiRealNetBlock, post_add=layers.RSign))
+  with pytest.raises(pack.NotExportableError,
+                     match=r"'odd': block BiRealNetBlock\(post_add=RSign\) has no packed exporter"):
+    pack.check_exportable(other_act, "odd")
 
   class Mine(nn.Module):  # a model the packed format does not describe
     input_quantizer: str = "ste_sign"
