@@ -3,6 +3,7 @@ command line, and the jax.export artifact run without cmim_jax."""
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -168,6 +169,40 @@ def test_export_workdir_restores_without_optimizer_and_matches(workdir, tmp_path
   with pytest.raises(ValueError, match=r"checkpoint does not match model 'resnet20_sdbnn'.*missing"):
     export.export_workdir(wd, str(tmp_path / "wrong.cmimbnn"), config=wrong)
   assert not os.path.exists(tmp_path / "wrong.cmimbnn")
+
+
+def test_export_skips_a_damaged_newest_checkpoint_read_only(workdir, tmp_path, monkeypatch):
+  """The export reads through the run's Checkpointer: a truncated newest step
+  falls back to the newest intact one with a warning, and the run directory
+  is left untouched (it may still be training)."""
+  from absl import logging
+  from test_checkpoint_damage import truncate_data
+  src, config, model, variables = workdir
+  wd = tmp_path / "run"
+  shutil.copytree(src, wd)
+  newer = randomized_variables(model, SHAPE, seed=6)
+  ckpt = checkpointing.Checkpointer(str(wd), async_save=False)
+  ckpt.save(8, {"step": np.int32(8), "params": {"model": newer["params"]},
+                "batch_stats": newer["batch_stats"],
+                "opt_state": {"mu": jax.tree.map(np.zeros_like, newer["params"])},
+                "rng": np.zeros((2,), np.uint32)})
+  ckpt.close()
+  assert export.restore_variables(str(wd))[1] == 8
+  truncate_data(str(wd / "checkpoints" / "8"))
+  seen = []
+  monkeypatch.setattr(logging, "warning", lambda msg, *a: seen.append(msg % a))
+  result = export.export_workdir(str(wd), str(tmp_path / "m.cmimbnn"))
+  assert result.step == 7
+  assert [w for w in seen if w.startswith("Checkpoint step 8")], seen
+  assert sorted(os.listdir(wd / "checkpoints")) == ["7", "8"]
+  assert not (wd / "checkpoints.damaged").exists()
+  r = export.compare(export.load(result.path), model, variables, _images(SHAPE))
+  assert r["argmax_agree"] == 1.0 and r["max_abs_diff"] <= 1e-5 * r["max_abs_logit"] + 1e-6, r
+  with pytest.raises(checkpointing.CheckpointError, match="step 8"):
+    export.export_workdir(str(wd), str(tmp_path / "x.cmimbnn"), step=8)
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    export.restore_variables(str(tmp_path / "empty"))
+  assert not (tmp_path / "empty").exists()
 
 
 def _run(args, cwd, env=None):
