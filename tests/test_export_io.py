@@ -20,6 +20,7 @@ from cmim_jax.export import fileformat, pack
 from cmim_jax.models import birealnet
 
 from test_export import _images, randomized_variables
+from test_paths import FakeGCS, fake_bucket  # pylint: disable=unused-import (a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (8, 8, 1)  # digits
@@ -203,6 +204,41 @@ def test_export_skips_a_damaged_newest_checkpoint_read_only(workdir, tmp_path, m
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
     export.restore_variables(str(tmp_path / "empty"))
   assert not (tmp_path / "empty").exists()
+
+
+def test_remote_workdir_without_gcsfs_names_the_extra(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  if checkpointing.paths._backend_available("gcs"):  # pylint: disable=protected-access
+    pytest.skip("gcsfs (or TensorFlow) is installed here")
+  with pytest.raises(checkpointing.paths.RemotePathError, match=r"cmim_jax\[cloud\]"):
+    export.restore_variables("gs://bucket/runs/x")
+  assert os.listdir(tmp_path) == []  # no local directory called gs:
+
+
+def test_export_reads_a_remote_workdir_through_paths(fake_bucket, tmp_path, monkeypatch):
+  """A gs:// workdir goes to orbax as the bucket path, read-only."""
+  monkeypatch.chdir(tmp_path)
+  FakeGCS().mkdir("gs://bucket/runs/x/checkpoints")
+  seen = {}
+
+  class Manager:  # orbax's tensorstore cannot reach the in-memory bucket
+    def __init__(self, directory, options=None, item_handlers=None):
+      seen["directory"], seen["read_only"] = os.fspath(directory), options.read_only
+
+    def all_steps(self):
+      return []
+
+    def wait_until_finished(self):
+      pass
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", Manager)
+  with pytest.raises(FileNotFoundError, match="no checkpoint in gs://bucket/runs/x/checkpoints"):
+    export.restore_variables("gs://bucket/runs/x")
+  assert seen == {"directory": "gs://bucket/runs/x/checkpoints", "read_only": True}
+  assert os.listdir(tmp_path) == []
 
 
 def _run(args, cwd, env=None):
