@@ -88,6 +88,14 @@ def test_other_format_and_unknown_op_are_refused(saved, tmp_path):
   _rewrite_manifest(saved[0], path, layers=layers)
   with pytest.raises(export.ExportFileError, match="'teleport'"):
     export.load(path)
+  # A future attribute that changes what an existing op computes is refused
+  # too, not ignored.
+  layers = [dict(l) for l in manifest["layers"]]
+  first_bconv = next(i for i, l in enumerate(layers) if l["op"] == "bconv")
+  layers[first_bconv]["shift"] = "rotate"
+  _rewrite_manifest(saved[0], path, layers=layers)
+  with pytest.raises(export.ExportFileError, match="input shift 'rotate'"):
+    export.load(path)
 
 
 def test_truncated_and_corrupt_files_get_a_clear_error(saved, tmp_path):

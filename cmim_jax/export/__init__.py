@@ -72,6 +72,10 @@ def load(path: str) -> PackedModel:
     if layer.get("op") not in infer.OPS:
       raise ExportFileError(f"{path}: layer {layer.get('name')!r} has op {layer.get('op')!r}, "
                             f"which this cmim_jax cannot run (known: {', '.join(infer.OPS)}).")
+    if layer.get("op") == "bconv" and layer.get("shift") not in infer.BCONV_SHIFTS:
+      raise ExportFileError(f"{path}: layer {layer.get('name')!r} has input shift "
+                            f"{layer.get('shift')!r}, which this cmim_jax cannot run (known: "
+                            f"{', '.join(str(v) for v in infer.BCONV_SHIFTS)}).")
   return PackedModel(manifest, arrays)
 
 

@@ -279,7 +279,7 @@ class Program:
       if shift == "asd":
         x = _asd(x, {"fc1": a("shift_fc1"), "fc2": a("shift_fc2")})
       elif shift is not None:
-        raise ValueError(f"layer {name!r}: unknown input shift {shift!r} (known: 'asd')")
+        raise ValueError(f"layer {name!r}: unknown input shift {shift!r} (known: {BCONV_SHIFTS})")
       dot = xnor_conv(x, a("bits"), cin=layer["cin"], strides=layer["strides"],
                       padding=_pairs(layer["padding"]), border=self._border(layer, x.shape[1:3]))
       return dot.astype(jnp.float32) * a("alpha")
@@ -319,3 +319,5 @@ class Program:
 
 OPS = ("bconv", "conv", "bn", "hardtanh", "add", "max_pool", "avg_pool", "option_a",
        "global_avg_pool", "flatten", "dense", "channel_add", "rprelu")
+# Values of a bconv layer's optional "shift" attribute (None: no shift).
+BCONV_SHIFTS = (None, "asd")
