@@ -153,3 +153,43 @@ def test_no_checkpoint_exits_without_a_thread_traceback(tmp_path):
   assert r.returncode == 1
   assert r.stderr.strip().splitlines()[-1].startswith("error: no checkpoint in "), r.stderr
   assert "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("damage", [truncate_data, truncate_metadata])
+def test_restore_parts_reads_a_subtree_and_falls_back_read_only(tmp_path, damage,
+                                                                warnings_logged):
+  """What the packed export reads: some entries of the state, no target, and a
+  damaged newest step skipped with a warning but left where it is."""
+  make_run(tmp_path)
+  damage(str(tmp_path / "checkpoints" / "3"))
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  ckpt = checkpointing.Checkpointer(str(tmp_path), read_only=True)
+  parts, step = ckpt.restore_parts(("b", "absent"))
+  assert step == 2 and list(parts) == ["b"]  # "w" not read, "absent" left out
+  assert isinstance(parts["b"]["x"], np.ndarray)
+  np.testing.assert_array_equal(parts["b"]["x"], state(2.0)["b"]["x"])
+  # (Orbax adds its own "Given directory is read only" notes.)
+  ours = [w for w in warnings_logged if w.startswith("Checkpoint step")]
+  assert len(ours) == 1
+  line = ours[0]
+  assert "step 3" in line and "damaged" in line and "step 2" in line and "left in place" in line
+  # Read-only: the damaged step stays, nothing is moved aside or created.
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  assert not (tmp_path / "checkpoints.damaged").exists()
+  with pytest.raises(checkpointing.CheckpointError, match=r"step 3 .*does not restore"):
+    ckpt.restore_parts(("w",), step=3)
+  parts, step = ckpt.restore_parts(("w",), step=1)
+  assert step == 1 and list(parts) == ["w"]
+  np.testing.assert_array_equal(parts["w"], state(1.0)["w"])
+  with pytest.raises(checkpointing.CheckpointError, match="has none of"):
+    ckpt.restore_parts(("nothing",), step=1)
+  with pytest.raises(ValueError, match="read-only"):
+    ckpt.save(4, state(4.0))
+  ckpt.close()
+  assert ckpt.all_steps() == [1, 2, 3]
+
+
+def test_read_only_on_an_empty_workdir_creates_nothing(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    checkpointing.Checkpointer(str(tmp_path / "run"), read_only=True)
+  assert not (tmp_path / "run").exists()

@@ -160,9 +160,9 @@ def test_every_registered_model_is_exact_or_refused_by_name(name, tmp_path):
     pack.check_exportable(model, name)
   except pack.NotExportableError as e:
     assert repr(name) in str(e)
-    # Only models without binary layers (or future architectures the packed
-    # format does not describe) may be refused.
-    assert "full precision" in str(e) or "no packed exporter" in str(e), str(e)
+    # Only models without binary layers may be refused: every registered
+    # binary architecture has a packed exporter.
+    assert "full precision" in str(e), str(e)
     return
   variables = randomized_variables(model, shape)
   path = str(tmp_path / "m.cmimbnn")
@@ -223,3 +223,52 @@ def test_full_width_resnet18_is_exact():
                                  model_name="resnet18")
   r = export.compare(export.PackedModel(body, arrays), model, v, _images(shape, n=8))
   assert r["argmax_agree"] == 1.0 and r["max_abs_diff"] <= 1e-5 * r["max_abs_logit"] + 1e-6, r
+
+
+def test_reactnet_shift_and_rprelu_are_packed_where_training_puts_them():
+  """ReActNet: RSign's shift feeds each binary conv's sign but not the
+  shortcut, RPReLU follows each add. Each packed op is needed: dropping the
+  shifts or the RPReLUs, or shifting the shortcut too, breaks the match."""
+  name = "reactnet18"
+  model = _tiny_model(name)
+  shape = _input_shape(model)
+  v = randomized_variables(model, shape, seed=5)
+  body, arrays = pack.pack_model(model, v, input_shape=shape, mean=0.5, std=0.25,
+                                 model_name=name)
+  ops = [l["op"] for l in body["layers"]]
+  assert ops.count("channel_add") == ops.count("bconv") == 8
+  assert ops.count("rprelu") == 8
+  for i, layer in enumerate(body["layers"]):
+    if layer["op"] == "channel_add":  # straight into its conv, off the block input
+      conv = body["layers"][i + 1]
+      assert conv["op"] == "bconv" and conv["src"] == layer["dst"] != layer["src"]
+      np.testing.assert_array_equal(arrays[f"{layer['name']}/bias"],
+                                    _leaf(v["params"], conv["name"])["input_shift"]["beta"])
+  x = jnp.asarray(_images(shape), jnp.float32) / 255.0 * 4.0 - 2.0  # mean 0.5, std 0.25
+  ref = np.asarray(jax.jit(functools.partial(model.apply, train=False))(v, x))
+  def run(layers):
+    return np.asarray(jax.jit(export.PackedModel({**body, "layers": layers}, arrays).forward)(x))
+  def mismatch(layers):
+    return np.max(np.abs(run(layers) - ref)) / np.max(np.abs(ref))
+  layers = body["layers"]
+  got = run(layers)
+  np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
+  assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref)) + 1e-6
+  def shift_src(i):  # the register a shift reads (the block input)
+    return layers[i - 1]["src"]
+  # The conv binarizes the unshifted input.
+  no_shift = [dict(l, src=shift_src(i)) if l["op"] == "bconv" and l["src"] == "s" else l
+              for i, l in enumerate(layers) if l["op"] != "channel_add"]
+  assert mismatch(no_shift) > 1e-3
+  assert mismatch([l for l in layers if l["op"] != "rprelu"]) > 1e-3
+  # Shift the block input in place, as if the shortcut saw the shifted input.
+  in_place = [dict(l, dst=l["src"]) if l["op"] == "channel_add" else
+              dict(l, src=shift_src(i)) if l["op"] == "bconv" and l["src"] == "s" else l
+              for i, l in enumerate(layers)]
+  assert mismatch(in_place) > 1e-3
+
+
+def _leaf(tree, path):
+  for p in path.split("/"):
+    tree = tree[p]
+  return tree

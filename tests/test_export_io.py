@@ -1,7 +1,9 @@
 """Packed export at the edges: the file format's errors, a run directory, the
 command line, and the jax.export artifact run without cmim_jax."""
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmim_jax import checkpointing, export, models
+from cmim_jax import checkpointing, export, layers, models
 from cmim_jax.export import fileformat, pack
+from cmim_jax.models import birealnet
 
 from test_export import _images, randomized_variables
+from test_paths import FakeGCS, fake_bucket  # pylint: disable=unused-import (a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (8, 8, 1)  # digits
@@ -83,6 +87,14 @@ def test_other_format_and_unknown_op_are_refused(saved, tmp_path):
   layers[0]["op"] = "teleport"
   _rewrite_manifest(saved[0], path, layers=layers)
   with pytest.raises(export.ExportFileError, match="'teleport'"):
+    export.load(path)
+  # A future attribute that changes what an existing op computes is refused
+  # too, not ignored.
+  layers = [dict(l) for l in manifest["layers"]]
+  first_bconv = next(i for i, l in enumerate(layers) if l["op"] == "bconv")
+  layers[first_bconv]["shift"] = "rotate"
+  _rewrite_manifest(saved[0], path, layers=layers)
+  with pytest.raises(export.ExportFileError, match="input shift 'rotate'"):
     export.load(path)
 
 
@@ -168,6 +180,75 @@ def test_export_workdir_restores_without_optimizer_and_matches(workdir, tmp_path
   assert not os.path.exists(tmp_path / "wrong.cmimbnn")
 
 
+def test_export_skips_a_damaged_newest_checkpoint_read_only(workdir, tmp_path, monkeypatch):
+  """The export reads through the run's Checkpointer: a truncated newest step
+  falls back to the newest intact one with a warning, and the run directory
+  is left untouched (it may still be training)."""
+  from absl import logging
+  from test_checkpoint_damage import truncate_data
+  src, config, model, variables = workdir
+  wd = tmp_path / "run"
+  shutil.copytree(src, wd)
+  newer = randomized_variables(model, SHAPE, seed=6)
+  ckpt = checkpointing.Checkpointer(str(wd), async_save=False)
+  ckpt.save(8, {"step": np.int32(8), "params": {"model": newer["params"]},
+                "batch_stats": newer["batch_stats"],
+                "opt_state": {"mu": jax.tree.map(np.zeros_like, newer["params"])},
+                "rng": np.zeros((2,), np.uint32)})
+  ckpt.close()
+  assert export.restore_variables(str(wd))[1] == 8
+  truncate_data(str(wd / "checkpoints" / "8"))
+  seen = []
+  monkeypatch.setattr(logging, "warning", lambda msg, *a: seen.append(msg % a))
+  result = export.export_workdir(str(wd), str(tmp_path / "m.cmimbnn"))
+  assert result.step == 7
+  assert [w for w in seen if w.startswith("Checkpoint step 8")], seen
+  assert sorted(os.listdir(wd / "checkpoints")) == ["7", "8"]
+  assert not (wd / "checkpoints.damaged").exists()
+  r = export.compare(export.load(result.path), model, variables, _images(SHAPE))
+  assert r["argmax_agree"] == 1.0 and r["max_abs_diff"] <= 1e-5 * r["max_abs_logit"] + 1e-6, r
+  with pytest.raises(checkpointing.CheckpointError, match="step 8"):
+    export.export_workdir(str(wd), str(tmp_path / "x.cmimbnn"), step=8)
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    export.restore_variables(str(tmp_path / "empty"))
+  assert not (tmp_path / "empty").exists()
+
+
+def test_remote_workdir_without_gcsfs_names_the_extra(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  if checkpointing.paths._backend_available("gcs"):  # pylint: disable=protected-access
+    pytest.skip("gcsfs (or TensorFlow) is installed here")
+  with pytest.raises(checkpointing.paths.RemotePathError, match=r"cmim_jax\[cloud\]"):
+    export.restore_variables("gs://bucket/runs/x")
+  assert os.listdir(tmp_path) == []  # no local directory called gs:
+
+
+def test_export_reads_a_remote_workdir_through_paths(fake_bucket, tmp_path, monkeypatch):
+  """A gs:// workdir goes to orbax as the bucket path, read-only."""
+  monkeypatch.chdir(tmp_path)
+  FakeGCS().mkdir("gs://bucket/runs/x/checkpoints")
+  seen = {}
+
+  class Manager:  # orbax's tensorstore cannot reach the in-memory bucket
+    def __init__(self, directory, options=None, item_handlers=None):
+      seen["directory"], seen["read_only"] = os.fspath(directory), options.read_only
+
+    def all_steps(self):
+      return []
+
+    def wait_until_finished(self):
+      pass
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", Manager)
+  with pytest.raises(FileNotFoundError, match="no checkpoint in gs://bucket/runs/x/checkpoints"):
+    export.restore_variables("gs://bucket/runs/x")
+  assert seen == {"directory": "gs://bucket/runs/x/checkpoints", "read_only": True}
+  assert os.listdir(tmp_path) == []
+
+
 def _run(args, cwd, env=None):
   proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -218,6 +299,13 @@ def test_half_binary_and_unknown_architectures_are_refused_by_name():
   weights_only = models.get_model("resnet20", num_classes=10, input_quantizer="identity")
   with pytest.raises(pack.NotExportableError, match=r"'resnet20' binarizes only its kernels"):
     pack.check_exportable(weights_only, "resnet20")
+
+  # A Bi-Real block with an activation after the add other than ReActNet's RPReLU.
+  other_act = models.get_model("birealnet18", num_classes=10, block_cls=functools.partial(
+      birealnet.BiRealNetBlock, post_add=layers.RSign))
+  with pytest.raises(pack.NotExportableError,
+                     match=r"'odd': block BiRealNetBlock\(post_add=RSign\) has no packed exporter"):
+    pack.check_exportable(other_act, "odd")
 
   class Mine(nn.Module):  # a model the packed format does not describe
     input_quantizer: str = "ste_sign"

@@ -17,7 +17,6 @@ Command line: ``python -m cmim_jax.export --workdir runs/x --out model.cmimbnn``
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -73,6 +72,10 @@ def load(path: str) -> PackedModel:
     if layer.get("op") not in infer.OPS:
       raise ExportFileError(f"{path}: layer {layer.get('name')!r} has op {layer.get('op')!r}, "
                             f"which this cmim_jax cannot run (known: {', '.join(infer.OPS)}).")
+    if layer.get("op") == "bconv" and layer.get("shift") not in infer.BCONV_SHIFTS:
+      raise ExportFileError(f"{path}: layer {layer.get('name')!r} has input shift "
+                            f"{layer.get('shift')!r}, which this cmim_jax cannot run (known: "
+                            f"{', '.join(str(v) for v in infer.BCONV_SHIFTS)}).")
   return PackedModel(manifest, arrays)
 
 
@@ -165,22 +168,32 @@ def data_facts(config, image_shape: Sequence[int] | None = None
 
 
 def restore_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
-  """``({'params', 'batch_stats'}, step)`` of a checkpoint, without the optimizer state."""
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints in {directory}; train first, or point --workdir "
-                            "at a run directory holding checkpoints/.")
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {directory}; train first.")
-    # No target: the saved tree comes back as is, so no optimizer has to be built.
-    state = manager.restore(step, args=ocp.args.StandardRestore())
+  """``({'params', 'batch_stats'}, step)`` of a checkpoint, without the optimizer state.
+
+  Reads through :class:`cmim_jax.checkpointing.Checkpointer` as training
+  does, so a remote (``gs://``) workdir works and a damaged newest step
+  falls back to the newest intact one with a warning, read-only: the run's
+  directory is left as it is (it may still be training).
+
+  Args:
+    workdir: the run directory (local or remote).
+    step: the checkpoint step (default: the newest intact one).
+
+  Raises:
+    FileNotFoundError: no checkpoint in the workdir.
+    checkpointing.CheckpointError: ``step`` does not restore, or no step does.
+    ValueError: not a cmim_jax training checkpoint.
+  """
+  from cmim_jax import checkpointing
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  try:
+    state, step = ckpt.restore_parts(("params", "batch_stats"), step)
+  finally:
+    ckpt.close()
   try:
     params = state["params"]["model"]
   except (KeyError, TypeError):
-    raise ValueError(f"checkpoint {directory}/{step} has no params/model; not a cmim_jax "
+    raise ValueError(f"checkpoint {ckpt.directory}/{step} has no params/model; not a cmim_jax "
                      "training checkpoint.") from None
   variables = {"params": params, "batch_stats": state.get("batch_stats", {}) or {}}
   return jax.tree.map(np.asarray, variables), int(step)
@@ -191,12 +204,15 @@ def export_workdir(workdir: str, out: str, *, config=None, step: int | None = No
   """Packs the latest (or ``step``'s) checkpoint of a run into ``out``.
 
   Args:
-    workdir: the run directory (``checkpoints/``, ``config.json``).
+    workdir: the run directory (``checkpoints/``, ``config.json``), local or
+      remote (``gs://``).
     out: the ``.cmimbnn`` file to write.
     config: the run's config (default: read from the workdir).
-    step: checkpoint step (default: latest).
+    step: checkpoint step (default: the newest intact one; a damaged newer
+      one is skipped with a warning, see :func:`restore_variables`).
     image_shape: (H, W, C) override for datasets of unknown shape.
   """
+  from cmim_jax import paths
   config = load_run_config(workdir) if config is None else config
   variables, step = restore_variables(workdir, step)
   try:
@@ -208,7 +224,7 @@ def export_workdir(workdir: str, out: str, *, config=None, step: int | None = No
   model = build_model(config, num_classes)
   return save(out, model, variables, model_name=config.model.name, input_shape=shape,
               mean=mean, std=std,
-              extra={"step": step, "workdir": os.path.abspath(workdir),
+              extra={"step": step, "workdir": str(paths.resolve(workdir)),
                      "dataset": config.data.name})
 
 

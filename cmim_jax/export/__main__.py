@@ -20,7 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The run's config file (default: WORKDIR/config.json).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints/, config.json).")
 _OUT = flags.DEFINE_string("out", None, "The .cmimbnn file to write (or to check with --check).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_STEP = flags.DEFINE_integer(
+    "step", None, "Checkpoint step (default: the newest intact one; --check alone: the file's).")
 _IMAGE_SHAPE = flags.DEFINE_list("image_shape", None,
                                  "H,W,C for datasets whose shape is unknown without data.")
 _CHECK = flags.DEFINE_bool("check", False, "Compare packed and float logits on the eval split.")
@@ -43,6 +44,10 @@ def _check(config, workdir, out, step, max_examples):
   import numpy as np
   from cmim_jax import export, input_pipeline
   packed = export.load(out)
+  # The step the file was packed from, not the newest one: a run still
+  # training may have saved another since.
+  if step is None:
+    step = packed.manifest.get("step")
   variables, step = export.restore_variables(workdir, step)
   model = export.build_model(config, packed.manifest["num_classes"])
   _, eval_ds, info = input_pipeline.get_datasets(

@@ -141,6 +141,6 @@ def load(path: str) -> tuple[dict, dict[str, np.ndarray]]:
       arrays[key] = a
   for layer in manifest["layers"]:
     needed = [k for k in arrays if k.startswith(layer.get("name", "") + "/")]
-    if layer.get("op") in ("bconv", "conv", "dense", "bn") and not needed:
+    if layer.get("op") in ("bconv", "conv", "dense", "bn", "channel_add", "rprelu") and not needed:
       raise ExportFileError(f"{path}: layer {layer.get('name')!r} has no arrays; re-export.")
   return manifest, arrays

@@ -199,6 +199,13 @@ def _asd(x, a):
   return x + shift[:, None, None, :]
 
 
+def _rprelu(x, gamma, slope, zeta):
+  # layers.RPReLU's operations in its order: the result feeds the next sign,
+  # so a reassociated form could flip a bit.
+  x = x - gamma
+  return jnp.where(x >= 0, x, slope * x) + zeta
+
+
 def _avg_pool(x, window, strides, padding):
   y = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, *window, 1), (1, *strides, 1),
                             ((0, 0), *padding, (0, 0)))
@@ -268,8 +275,11 @@ class Program:
     name = layer["name"]
     a = lambda key: self._a(layer, key)
     if op == "bconv":
-      if layer.get("shift") == "asd":
+      shift = layer.get("shift")
+      if shift == "asd":
         x = _asd(x, {"fc1": a("shift_fc1"), "fc2": a("shift_fc2")})
+      elif shift is not None:
+        raise ValueError(f"layer {name!r}: unknown input shift {shift!r} (known: {BCONV_SHIFTS})")
       dot = xnor_conv(x, a("bits"), cin=layer["cin"], strides=layer["strides"],
                       padding=_pairs(layer["padding"]), border=self._border(layer, x.shape[1:3]))
       return dot.astype(jnp.float32) * a("alpha")
@@ -280,6 +290,11 @@ class Program:
     if op == "bn":
       return _batch_norm(x, {k: a(k) for k in ("mean", "var", "scale", "bias")} |
                          {"eps": np.float32(layer["eps"])})
+    if op == "channel_add":
+      # ReActNet's RSign shift, as layers.RSign adds it (float32 + float32).
+      return x + a("bias")
+    if op == "rprelu":
+      return _rprelu(x, a("gamma"), a("slope"), a("zeta"))
     if op == "hardtanh":
       return jnp.clip(x, -1.0, 1.0)
     if op == "add":
@@ -303,4 +318,6 @@ class Program:
 
 
 OPS = ("bconv", "conv", "bn", "hardtanh", "add", "max_pool", "avg_pool", "option_a",
-       "global_avg_pool", "flatten", "dense")
+       "global_avg_pool", "flatten", "dense", "channel_add", "rprelu")
+# Values of a bconv layer's optional "shift" attribute (None: no shift).
+BCONV_SHIFTS = (None, "asd")

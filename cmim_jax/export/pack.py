@@ -12,10 +12,12 @@ Stem, shortcuts with weights other than binary ones, and the classifier stay
 float32.
 
 Supported: :class:`cmim_jax.models.ResNet` (``BasicBlock``,
-``BiRealBlock``, Bi-Real Net's ``BiRealNetBlock``; every shortcut kind and stem) and
+``BiRealBlock``, Bi-Real Net's ``BiRealNetBlock`` and ReActNet's, which adds
+RPReLU after each add; every shortcut kind and stem) and
 :class:`cmim_jax.models.VGGSmall`, with sign-forward input quantizers, any
 weight quantizer whose output is ``+-alpha_c`` per output channel, and the
-SD-BNN ASD input shift. Anything else is refused with the reason.
+SD-BNN ASD and ReActNet RSign input shifts. Anything else is refused with
+the reason.
 """
 from __future__ import annotations
 
@@ -138,12 +140,22 @@ class _Builder:
     arrays, attrs = {}, {}
     if "input_shift" in p:
       shift = p["input_shift"]
-      if set(shift) != {"fc1", "fc2"}:
-        raise NotExportableError(f"model {self.model_name!r}, layer {path!r}: unknown input "
-                                 f"shift with params {sorted(shift)}; only SD-BNN's ASD packs.")
-      arrays["shift_fc1"] = _float(shift["fc1"]["kernel"])
-      arrays["shift_fc2"] = _float(shift["fc2"]["kernel"])
-      attrs["shift"] = "asd"
+      if set(shift) == {"fc1", "fc2"}:
+        arrays["shift_fc1"] = _float(shift["fc1"]["kernel"])
+        arrays["shift_fc2"] = _float(shift["fc2"]["kernel"])
+        attrs["shift"] = "asd"
+      elif set(shift) == {"beta"}:
+        # RSign's shift feeds only the sign, not the shortcut: its own op into
+        # a scratch register keeps the block input intact. (A bconv attribute
+        # would be silently ignored by a reader that predates it; an unknown
+        # op is refused by name.)
+        self.add("channel_add", f"{path}/input_shift", src, "s",
+                 {"bias": _float(shift["beta"])})
+        src = "s"
+      else:
+        raise NotExportableError(
+            f"model {self.model_name!r}, layer {path!r}: unknown input shift with params "
+            f"{sorted(shift)}; SD-BNN's ASD and ReActNet's RSign pack.")
     self.add("bconv", path, src, dst, arrays, cin=int(cin), cout=int(cout),
              kernel=[int(kh), int(kw)], strides=[strides, strides],
              padding=[[padding, padding], [padding, padding]], **attrs)
@@ -158,6 +170,11 @@ class _Builder:
     self.add("bn", path, src, src if dst is None else dst,
              {"mean": _float(s["mean"]), "var": _float(s["var"]),
               "scale": _float(p["scale"]), "bias": _float(p["bias"])}, eps=self.eps)
+
+  def rprelu(self, path, src="x", dst=None):
+    p = self._get(self.params, path)
+    self.add("rprelu", path, src, src if dst is None else dst,
+             {k: _float(p[k]) for k in ("gamma", "slope", "zeta")})
 
   def dense(self, path):
     p = self._get(self.params, path)
@@ -181,11 +198,12 @@ def _resnet(b: _Builder, m: resnet.ResNet) -> None:
   if big:
     b.op("max_pool", "stem_pool", window=[3, 3], strides=[2, 2], padding=[[1, 1], [1, 1]])
   channels = m.widths[0]
+  kind = _block_kind(m.block_cls)
   for s, (blocks, width) in enumerate(zip(m.stage_sizes, m.widths), start=1):
     for i in range(1, blocks + 1):
       strides = 2 if (s > 1 and i == 1) else 1
       name = f"stage{s}_block{i}"
-      if m.block_cls is resnet.BasicBlock:
+      if kind == "basic":
         b.bconv(f"{name}/conv1", strides=strides, padding=1, dst="h")
         b.bn(f"{name}/bn1", "h")
         b.op("hardtanh", f"{name}/act1", "h")
@@ -194,7 +212,7 @@ def _resnet(b: _Builder, m: resnet.ResNet) -> None:
         sc = _shortcut(b, name, channels, width, strides, m.shortcut)
         b.op("add", f"{name}/add", "y", "x", src2=sc)
         b.op("hardtanh", f"{name}/act2")
-      elif m.block_cls is resnet.BiRealBlock:
+      elif kind == "bireal":
         b.bconv(f"{name}/conv1", strides=strides, padding=1, dst="y")
         sc = _shortcut(b, name, channels, width, strides, m.shortcut)
         b.bn(f"{name}/bn1", "y")
@@ -204,14 +222,20 @@ def _resnet(b: _Builder, m: resnet.ResNet) -> None:
         b.bn(f"{name}/bn2", "y")
         b.op("add", f"{name}/add2", "y", "x", src2="h")
         b.op("hardtanh", f"{name}/act2")
-      elif m.block_cls is birealnet.BiRealNetBlock:  # Bi-Real Net: nothing after the adds.
+      elif kind in ("birealnet", "reactnet"):
+        # Bi-Real Net: nothing after the adds; ReActNet: RPReLU after each.
+        post = b.rprelu if kind == "reactnet" else None
         b.bconv(f"{name}/conv1", strides=strides, padding=1, dst="y")
         sc = _shortcut(b, name, channels, width, strides, m.shortcut)
         b.bn(f"{name}/bn1", "y")
         b.op("add", f"{name}/add1", "y", "h", src2=sc)
+        if post:
+          post(f"{name}/act1", "h")
         b.bconv(f"{name}/conv2", strides=1, padding=1, src="h", dst="y")
         b.bn(f"{name}/bn2", "y")
         b.op("add", f"{name}/add2", "y", "x", src2="h")
+        if post:
+          post(f"{name}/act2")
       else:
         raise NotExportableError(_no_block_exporter(m, b.model_name))
       channels = width
@@ -221,19 +245,42 @@ def _resnet(b: _Builder, m: resnet.ResNet) -> None:
   b.dense("fc")
 
 
-# ReActNet's blocks (a BiRealNetBlock with RPReLU) have no packed ops yet.
 _BLOCKS = (resnet.BasicBlock, resnet.BiRealBlock, birealnet.BiRealNetBlock)
+
+
+def _block_kind(block) -> str | None:
+  """The packed layout of a ResNet block class, or None if there is none.
+
+  ReActNet's block is ``partial(BiRealNetBlock, post_add=RPReLU)``; any other
+  ``post_add`` (or other bound field) would change the forward pass, so only
+  that exact partial is recognised.
+  """
+  if block is resnet.BasicBlock:
+    return "basic"
+  if block is resnet.BiRealBlock:
+    return "bireal"
+  if block is birealnet.BiRealNetBlock:
+    return "birealnet"
+  if (isinstance(block, functools.partial) and block.func is birealnet.BiRealNetBlock
+      and not block.args and set(block.keywords) == {"post_add"}):
+    post = block.keywords["post_add"]
+    if post is None:
+      return "birealnet"
+    if post is layers.RPReLU:
+      return "reactnet"
+  return None
 
 
 def _no_block_exporter(m: resnet.ResNet, model_name: str) -> str:
   block = m.block_cls
-  if isinstance(block, functools.partial):  # e.g. ReActNet's BiRealNetBlock(post_add=RPReLU)
+  if isinstance(block, functools.partial):  # e.g. BiRealNetBlock(post_add=SomeAct)
     options = ", ".join(f"{k}={getattr(v, '__name__', v)}" for k, v in block.keywords.items())
     block = f"{block.func.__name__}({options})"
   else:
     block = getattr(block, "__name__", block)
   return (f"model {model_name!r}: block {block} has no packed exporter "
-          f"({', '.join(c.__name__ for c in _BLOCKS)} do).")
+          f"({', '.join(c.__name__ for c in _BLOCKS)} and "
+          "BiRealNetBlock(post_add=RPReLU) do).")
 
 
 def _shortcut(b: _Builder, name: str, cin: int, cout: int, strides: int, kind: str) -> str:
@@ -291,7 +338,7 @@ def _exporter(model, model_name):
 def check_exportable(model, model_name: str) -> None:
   """Raises :class:`NotExportableError` naming the model and the reason."""
   _exporter(model, model_name)
-  if isinstance(model, resnet.ResNet) and model.block_cls not in _BLOCKS:
+  if isinstance(model, resnet.ResNet) and _block_kind(model.block_cls) is None:
     raise NotExportableError(_no_block_exporter(model, model_name))
   iq, kq = model.input_quantizer, model.kernel_quantizer
   if binarize.is_identity(iq) and binarize.is_identity(kq):
