@@ -161,8 +161,11 @@ def build_jax(args, cmim: bool) -> dict:
   meta = {
       "framework": "jax",
       "num_params": sum(int(x.size) for x in jax.tree.leaves(holder["state"].params["model"])),
-      "cmim_head_params": sum(int(x.size) for x in jax.tree.leaves(holder["state"].params["heads"])),
-      "cmim_layers": list(task.layers), "compile_s": compile_s,
+      "objective_params": sum(int(x.size) for x in jax.tree.leaves(
+          holder["state"].params["objectives"])),
+      "objectives": [t.name for t in task.objectives],
+      "cmim_layers": [list(t.objective.layers) for t in task.objectives if t.name == "cmim"],
+      "compile_s": compile_s,
       "xla_temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else None,
       "device": str(jax.devices()[0]), "device_count": jax.device_count(),
   }

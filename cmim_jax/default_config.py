@@ -137,6 +137,24 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.ede.t_min = 1e-2
   config.ede.t_max = 10.0
 
+  # The loss: comma-separated registered terms (cmim_jax.objectives.names()),
+  # each 'name' or 'name:weight'. Without a weight a term takes its section's
+  # `weight` (cmim.weight, kd.weight), else 1; weight 0 leaves it out exactly.
+  # E.g. 'ce,cmim' (CMIM paper), 'ce:0,kd' or 'kd' (ReActNet), 'ce,kd:0.5'.
+  config.objectives = "ce,cmim"
+
+  # The workdir of an earlier run used as a frozen teacher (its config.json
+  # and latest checkpoint); '' = none. Terms such as 'kd' need one.
+  config.teacher = ""
+  # The workdir of an earlier run whose weights start this run (matching
+  # names; the optimizer starts fresh); '' = none. Ignored when resuming.
+  config.init_from = ""
+
+  # Knowledge distillation: T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+  config.kd = ml_collections.ConfigDict()
+  config.kd.weight = 1.0
+  config.kd.temperature = 1.0  # T; 1 = ReActNet's distributional loss.
+
   # CMIM (Shang et al. 2022): symmetric InfoNCE between the projected binary and
   # latent real activations of the tapped layers, negatives from the global batch.
   config.cmim = ml_collections.ConfigDict()

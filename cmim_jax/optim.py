@@ -35,8 +35,8 @@ def learning_rate_schedule(*, base_lr: float, total_steps: int, warmup_steps: in
 
 
 def create_optimizer(*, name: str, learning_rate: optax.Schedule, momentum: float = 0.9,
-                     weight_decay: float = 0.0, decay_kernels_only: bool = True
-                     ) -> optax.GradientTransformation:
+                     weight_decay: float = 0.0, decay_kernels_only: bool = True,
+                     decay_mask=None) -> optax.GradientTransformation:
   """SGD (momentum, PyTorch-style coupled L2), Adam (coupled L2) or AdamW.
 
   Args:
@@ -46,8 +46,18 @@ def create_optimizer(*, name: str, learning_rate: optax.Schedule, momentum: floa
     weight_decay: L2 coefficient (SGD, Adam) or decoupled decay (AdamW).
     decay_kernels_only: decay only leaves named ``kernel`` (not BatchNorm
       scales/biases, binarizer shifts or WSD parameters).
+    decay_mask: optional ``params -> bool tree``; only leaves True there are
+      decayed (combined with ``decay_kernels_only``). The trainer passes one
+      that leaves the objectives' heads undecayed.
   """
   mask = kernel_mask if decay_kernels_only else None
+  if decay_mask is not None:
+    outer = mask
+    def mask(params):  # pylint: disable=function-redefined
+      allowed = decay_mask(params)
+      if outer is None:
+        return allowed
+      return jax.tree.map(lambda a, b: a and b, allowed, outer(params))
   if name == "adamw":
     return optax.adamw(learning_rate, weight_decay=weight_decay, mask=mask)
   if name == "sgd":

@@ -7,8 +7,9 @@ is derived from ``state.step`` inside them, and everything static lives in the
 :class:`Task`. They take the named axis ``'data'`` (:data:`parallel.AXIS`) and
 use its collectives: gradients, metrics and BatchNorm statistics are
 ``pmean``-ed, BatchNorm normalises with global-batch statistics
-(``bn_axis_name``) and the CMIM InfoNCE gathers its negatives from every
-device. :func:`make_steps` wraps both for a :class:`~cmim_jax.parallel.Parallel`
+(``bn_axis_name``) and the objective terms (:mod:`cmim_jax.objectives`) reduce
+over it as they need (the CMIM InfoNCE gathers its negatives from every
+device). The step sums the terms of ``task.objectives`` and never names one. :func:`make_steps` wraps both for a :class:`~cmim_jax.parallel.Parallel`
 (``jax.shard_map`` + ``jit`` by default, or ``jax.pmap``)::
 
   task = build_task(config, info, total_steps=..., steps_per_epoch=...)
@@ -46,10 +47,12 @@ from cmim_jax import input_pipeline
 from cmim_jax import losses
 from cmim_jax import metric_writers
 from cmim_jax import models
+from cmim_jax import objectives as objectives_lib
 from cmim_jax import optim
 from cmim_jax import paths
 from cmim_jax import preemption
 from cmim_jax import runlock
+from cmim_jax import teachers
 from cmim_jax import variables as variables_lib
 from cmim_jax.parallel import AXIS, Parallel, first_copy_to_host
 
@@ -60,14 +63,19 @@ CONFIG_FILE = "config.json"  # In the workdir: the config of the latest run.
 class TrainState:
   """Everything a resumed run needs; a pytree of arrays.
 
-  ``params`` is ``{'model': ..., 'heads': ...}``: the BNN and the CMIM
-  projection heads (empty when CMIM is off), trained by one optimizer.
+  ``params`` is ``{'model': ..., 'objectives': {term: ...}}``: the BNN and the
+  trainable parameters of each objective term (projection heads; ``{}`` for
+  terms without), trained by one optimizer. ``objectives`` is each term's
+  non-trainable state (memory banks) by name; ``teacher`` the frozen
+  teacher's ``{'params', 'batch_stats'}`` (``{}`` without a teacher).
   """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  objectives: Any = dataclasses.field(default_factory=dict)
+  teacher: Any = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +84,12 @@ class Task:
 
   Attributes:
     model: the BNN (built with ``bn_axis_name=axis_name``).
-    heads: the CMIM projection heads, or None when CMIM is off.
+    objectives: the loss terms, ``objectives.Term(name, weight, objective)``.
     tx: the optimizer.
     learning_rate: its schedule, step -> learning rate (logged).
     info: the dataset's ``DatasetInfo``.
     augment: resolved augmentation mode ('device', 'host' or 'none').
-    cmim_weight: lambda of the CMIM loss.
-    temperature: tau of the CMIM InfoNCE.
+    teacher: the frozen teacher's model (eval mode), or None.
     steps_per_epoch: optimizer steps per epoch (the EDE moves once an epoch).
     total_steps: length of the run in steps.
     ede_t_min: EDE ``t`` at the start.
@@ -90,22 +97,29 @@ class Task:
     axis_name: the device axis the steps reduce over.
   """
   model: nn.Module
-  heads: losses.CMIMHeads | None
+  objectives: tuple[objectives_lib.Term, ...]
   tx: optax.GradientTransformation
   learning_rate: optax.Schedule
   info: Any
   augment: str
-  cmim_weight: float
-  temperature: float
   steps_per_epoch: int
   total_steps: int
   ede_t_min: float
   ede_t_max: float
+  teacher: nn.Module | None = None
   axis_name: str = AXIS
 
   @property
-  def layers(self) -> tuple[str, ...]:
-    return tuple(self.heads.layers) if self.heads is not None else ()
+  def needs(self) -> frozenset[str]:
+    """What the step computes for the terms besides the logits."""
+    return frozenset(n for term in self.objectives for n in term.objective.needs)
+
+  def term(self, name: str) -> objectives_lib.Objective:
+    """The built term registered as ``name`` (KeyError if the run has none)."""
+    for t in self.objectives:
+      if t.name == name:
+        return t.objective
+    raise KeyError(f"this run has no objective {name!r}; it has {[t.name for t in self.objectives]}.")
 
 
 # --------------------------------------------------------------------------
@@ -148,6 +162,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.cmim.weight >= 0, "cmim.weight", config.cmim.weight, "must be >= 0")
   check(config.cmim.temperature > 0, "cmim.temperature", config.cmim.temperature, "must be > 0")
   check(config.cmim.embed_dim > 0, "cmim.embed_dim", config.cmim.embed_dim, "must be > 0")
+  check(config.kd.temperature > 0, "kd.temperature", config.kd.temperature, "must be > 0")
+  models.import_modules(config.imports)  # May register objectives.
+  objectives_lib.resolve_weights(config)  # Names and weights.
   for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
     check(config[key] > 0, key, config[key], "must be > 0")
   Parallel(config.parallel)  # validates the mode
@@ -155,52 +172,87 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
                steps_per_epoch: int) -> Task:
-  """Model, heads (CMIM taps chosen from the model's binary layers), optimizer."""
+  """Model, objective terms (``config.objectives``), teacher model, optimizer.
+
+  The teacher's model comes from ``config.teacher``'s config.json; its
+  weights are loaded by :func:`load_teacher` into the state.
+  """
   models.import_modules(config.imports)
   model = models.from_config(config.model, num_classes=info.num_classes, bn_axis_name=AXIS)
-  heads = None
-  if config.cmim.weight > 0:
-    x = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
-    probe = model.clone(bn_axis_name=None)
-    def sown(x):
-      variables = variables_lib.init_variables(probe, jax.random.PRNGKey(0), x)
-      return probe.apply(variables, x, train=False, mutable=[losses.BINARY_ACTS])[1]
-    acts = jax.eval_shape(sown, x).get(losses.BINARY_ACTS, {})
-    paths = losses.binary_layer_paths(acts)
-    if not paths:
-      raise ValueError(f"model {config.model.name!r} has no binary layers to tap; "
-                       "set cmim.weight=0 for full-precision models.")
-    layers = losses.select_layers(paths, config.cmim.layers)
-    heads = losses.CMIMHeads(layers=tuple(layers), embed_dim=config.cmim.embed_dim)
+  teacher = None
+  if config.teacher:
+    run_config, _ = teachers.load_run(config.teacher, "teacher")
+    teacher = teachers.build_model(run_config, num_classes=info.num_classes,
+                                   data_name=config.data.name)
+  terms = objectives_lib.from_config(objectives_lib.BuildContext(
+      config=config, model=model, info=info, has_teacher=teacher is not None))
   lr = optim.learning_rate_schedule(
       base_lr=config.learning_rate, total_steps=total_steps,
       warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
       schedule=config.lr_schedule)
   tx = optim.create_optimizer(
       name=config.optimizer, learning_rate=lr, momentum=config.momentum,
-      weight_decay=config.weight_decay, decay_kernels_only=config.decay_kernels_only)
-  return Task(model=model, heads=heads, tx=tx, learning_rate=lr, info=info,
-              augment=info.augment,
-              cmim_weight=float(config.cmim.weight),
-              temperature=float(config.cmim.temperature),
+      weight_decay=config.weight_decay, decay_kernels_only=config.decay_kernels_only,
+      decay_mask=_model_only)
+  return Task(model=model, objectives=terms, tx=tx, learning_rate=lr, info=info,
+              augment=info.augment, teacher=teacher,
               steps_per_epoch=int(steps_per_epoch), total_steps=int(total_steps),
               ede_t_min=float(config.ede.t_min), ede_t_max=float(config.ede.t_max))
 
 
-def init_state(task: Task, rng: jax.Array) -> TrainState:
-  """Initial state (call under ``jit`` with replicated ``out_shardings``)."""
-  model_rng, heads_rng, state_rng = jax.random.split(rng, 3)
+def _model_only(params):
+  # Weight decay is for the network; the objectives' heads are not decayed.
+  return {k: jax.tree.map(lambda _: k == "model", v) for k, v in params.items()}
+
+
+def load_teacher(config: ml_collections.ConfigDict, task: Task) -> dict:
+  """The teacher's ``{'params', 'batch_stats'}`` from ``config.teacher``'s latest checkpoint.
+
+  Raises:
+    ValueError: the checkpoint does not fit the model its config.json describes.
+  """
+  if task.teacher is None:
+    return {}
+  _, path = teachers.load_run(config.teacher, "teacher")
+  variables, step = teachers.restore_variables(path)
+  x = jnp.zeros((1,) + tuple(task.info.image_shape), jnp.float32)
+  expected = jax.eval_shape(
+      lambda: variables_lib.init_variables(task.teacher, jax.random.PRNGKey(0), x))
+  teachers.check_shapes(variables["params"], expected["params"],
+                        what=f"config.teacher={config.teacher!r}")
+  logging.info("Teacher: %s from %s (step %d), frozen, eval mode.",
+               teachers.load_run(config.teacher)[0].model.name, path, step)
+  return variables
+
+
+def init_state(task: Task, rng: jax.Array, teacher: Any = None) -> TrainState:
+  """Initial state (call under ``jit`` with replicated ``out_shardings``).
+
+  Args:
+    task: the static parts.
+    rng: seeds the model, the terms (each from its name) and the step keys.
+    teacher: the teacher's variables (:func:`load_teacher`), when it has one.
+  """
+  model_rng, terms_rng, state_rng = jax.random.split(rng, 3)
   model = task.model.clone(bn_axis_name=None)
   x = jnp.zeros((1,) + tuple(task.info.image_shape), jnp.float32)
   variables = variables_lib.init_variables(model, model_rng, x)
-  params = {"model": variables["params"], "heads": {}}
-  if task.heads is not None:
-    _, acts = model.apply(variables, x, train=False, mutable=[losses.BINARY_ACTS])
-    taps = losses.tapped_activations(acts[losses.BINARY_ACTS], task.layers)
-    params["heads"] = task.heads.init(heads_rng, taps)["params"]
+  mutable = [losses.BINARY_ACTS] if "binary_acts" in task.needs else []
+  logits, sown = model.apply(variables, x, train=False, mutable=mutable)
+  example = {"logits": logits, "labels": jnp.zeros((1,), jnp.int32),
+             "binary_acts": sown.get(losses.BINARY_ACTS, {}),
+             "teacher_logits": jnp.zeros_like(logits)}
+  params, term_states = {"model": variables["params"], "objectives": {}}, {}
+  for term in task.objectives:
+    key = objectives_lib.term_key(terms_rng, term.name)
+    params["objectives"][term.name], term_states[term.name] = term.objective.init(key, example)
+  if task.teacher is not None and not teacher:
+    raise ValueError("the task has a teacher model but no teacher variables were given; "
+                     "pass train.load_teacher(config, task).")
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}),
-                    opt_state=task.tx.init(params), rng=state_rng)
+                    opt_state=task.tx.init(params), rng=state_rng,
+                    objectives=term_states, teacher=teacher if task.teacher is not None else {})
 
 
 # --------------------------------------------------------------------------
@@ -251,8 +303,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task
     task: the static parts (keyword, bound by :func:`make_steps`).
 
   Returns:
-    The new state and the step's metrics (means over the global batch): loss,
-    ce_loss, accuracy, the CMIM losses when on, learning_rate, ede_k, ede_t.
+    The new state and the step's metrics (means over the global batch): loss
+    (the weighted sum), accuracy, ``{term}_loss`` for each term and
+    ``{term}_loss/{key}`` for what the term reports (CMIM: per layer),
+    learning_rate, ede_k, ede_t.
   """
   axis = task.axis_name
   schedule = ede_schedule(task, state.step)
@@ -260,27 +314,35 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task
   offset = jax.lax.axis_index(axis) * labels.shape[0]
   rng = jax.random.fold_in(state.rng, state.step)
   images = preprocess(task, rng, batch["image"], offset=offset, train=True)
-  mutable = ["batch_stats"] + ([losses.BINARY_ACTS] if task.heads is not None else [])
+  needs = task.needs
+  mutable = ["batch_stats"] + ([losses.BINARY_ACTS] if "binary_acts" in needs else [])
+  given = {"labels": labels}
+  if task.teacher is not None:
+    # Frozen, eval mode (running BatchNorm statistics), outside the gradient.
+    given["teacher_logits"] = jax.lax.stop_gradient(task.teacher.apply(
+        {"params": state.teacher["params"], "batch_stats": state.teacher["batch_stats"]},
+        images, train=False))
 
   def loss_fn(params):
     logits, new_vars = task.model.apply(
         {"params": params["model"], "batch_stats": state.batch_stats},
         images, train=True, schedule=schedule, mutable=mutable)
-    ce = losses.cross_entropy(logits, labels)
-    aux = {"ce_loss": ce,
-           "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))}
-    loss = ce
-    if task.heads is not None:
-      taps = losses.tapped_activations(new_vars[losses.BINARY_ACTS], task.layers)
-      embeddings = task.heads.apply({"params": params["heads"]}, taps)
-      cmim, per_layer = losses.cmim_loss(embeddings, temperature=task.temperature,
-                                         axis_name=axis)
-      loss = ce + task.cmim_weight * cmim
-      aux["cmim_loss"] = cmim
-      aux.update({f"cmim_loss/{k}": v for k, v in per_layer.items()})
-    return loss, (aux, new_vars["batch_stats"])
+    aux = {"logits": logits, **given}
+    if "binary_acts" in needs:
+      aux["binary_acts"] = new_vars[losses.BINARY_ACTS]
+    metrics = {"accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))}
+    loss, term_states = None, {}
+    for term in task.objectives:
+      value, term_states[term.name], extra = term.objective.loss(
+          params["objectives"][term.name], state.objectives[term.name], batch,
+          aux=aux, axis_name=axis)
+      loss = term.weight * value if loss is None else loss + term.weight * value
+      metrics[f"{term.name}_loss"] = value
+      metrics.update({f"{term.name}_loss/{k}": v for k, v in extra.items()})
+    return loss, (metrics, new_vars["batch_stats"], term_states)
 
-  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (aux, batch_stats, term_states)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, axis)
   updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -288,7 +350,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task
   metrics["learning_rate"] = task.learning_rate(state.step)
   metrics["ede_k"], metrics["ede_t"] = schedule["k"], schedule["t"]
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            batch_stats=jax.lax.pmean(batch_stats, axis))
+                            batch_stats=jax.lax.pmean(batch_stats, axis),
+                            objectives=term_states)
   return new_state, metrics
 
 
@@ -420,10 +483,19 @@ class _Setup:
                         else int(config.num_epochs * self.steps_per_epoch))
     self.task = build_task(config, self.info, total_steps=self.total_steps,
                            steps_per_epoch=self.steps_per_epoch)
+    if config.init_from:  # Fails here, before any step, on a bad path.
+      teachers.load_run(config.init_from, "init_from")
     init = jax.jit(functools.partial(init_state, self.task),
                    out_shardings=self.par.replicated)
-    self.initial_state = init(jax.random.PRNGKey(config.seed))
+    self.initial_state = init(jax.random.PRNGKey(config.seed), load_teacher(config, self.task))
     self.steps = make_steps(self.task, self.par, donate_state=True)
+
+  def start_from(self, config) -> TrainState:
+    """The fresh state of a new run: ``initial_state``, or ``config.init_from``'s weights."""
+    if not config.init_from:
+      return self.initial_state
+    state, _ = teachers.init_from(jax.device_get(self.initial_state), config.init_from)
+    return jax.device_put(state, self.par.replicated)
 
   def evaluate(self, state_dev) -> dict[str, float]:
     if self.eval_ds is None:
@@ -486,15 +558,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     save_run_config(config, workdir)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
   writer = metric_writers.MetricWriter(workdir)
-  state = setup.initial_state
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
+  if ckpt.latest_step() is not None:  # Resuming wins over init_from.
+    state = ckpt.restore(setup.initial_state)
     logging.info("Resumed from the checkpoint of step %d in %s.", int(state.step), ckpt.directory)
+  else:
+    state = setup.start_from(config)
   start = int(first_copy_to_host(state.step))
   logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d device(s), "
-               "%s; CMIM %s.", config.model.name, total, setup.steps_per_epoch,
+               "%s; objective %s.", config.model.name, total, setup.steps_per_epoch,
                config.batch_size, jax.device_count(), par.mode,
-               f"on {list(task.layers)}" if task.heads else "off")
+               " + ".join(f"{t.weight:g} * {t.name}" for t in task.objectives))
+  for t in task.objectives:
+    if t.objective.describe():
+      logging.info("  %s: %s", t.name, t.objective.describe())
 
   state_dev = par.to_step_layout(state)
   batches = setup.train_ds.iterator(start_step=start)

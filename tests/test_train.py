@@ -99,8 +99,9 @@ def test_eight_devices_equal_one_device(one_device_run, mode):
 def test_cmim_changes_the_update(one_device_run):
   """Guards the equality tests: CMIM on and off must give different parameters."""
   ref_state, ref_metrics, task, _ = one_device_run
-  assert len(task.layers) == 3
-  assert all(np.isfinite(m[f"cmim_loss/{l}"]) for m in ref_metrics for l in task.layers)
+  layers = task.term("cmim").layers
+  assert len(layers) == 3
+  assert all(np.isfinite(m[f"cmim_loss/{l}"]) for m in ref_metrics for l in layers)
   off_state, _, _, _ = run_steps(Parallel("shard_map", num_devices=1), **{"cmim.weight": 0.0})
   diff = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                       off_state.params["model"], ref_state.params["model"])
@@ -111,7 +112,8 @@ def test_weight_zero_equals_hand_written_base_step():
   """cmim.weight=0 is exactly a plain cross-entropy BNN step (written here)."""
   par = Parallel("shard_map", num_devices=1)
   state, metrics, task, config = run_steps(par, n_steps=1, **{"cmim.weight": 0.0})
-  assert task.heads is None and "cmim_loss" not in metrics[0]
+  assert [t.name for t in task.objectives] == ["ce"] and "cmim_loss" not in metrics[0]
+  assert state.params["objectives"] == {"ce": {}} and state.objectives == {"ce": {}}
 
   train_ds, info = _data(())
   model = task.model.clone(bn_axis_name=None)
@@ -178,8 +180,8 @@ def test_ede_schedule_follows_the_step_counter_without_retracing(monkeypatch):
 
 
 def test_ede_schedule_ends_at_t_max():
-  task = train.Task(model=None, heads=None, tx=None, learning_rate=None, info=None,
-                    augment="none", cmim_weight=0.0, temperature=1.0, steps_per_epoch=7,
+  task = train.Task(model=None, objectives=(), tx=None, learning_rate=None, info=None,
+                    augment="none", steps_per_epoch=7,
                     total_steps=30, ede_t_min=1e-3, ede_t_max=1e-1)
   for step in (0, 6, 7, 20, 27, 29):
     got = jax.jit(train.ede_schedule, static_argnums=0)(task, step)
