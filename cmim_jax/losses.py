@@ -145,15 +145,21 @@ def binary_layer_paths(binary_acts: Mapping) -> list[str]:
   return list(dict.fromkeys(k.rsplit("/", 1)[0] for k in flat))
 
 
+def _natural_key(path: str) -> list:
+  return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path) if t]
+
+
 def select_layers(paths: Sequence[str], spec: str | Sequence[str]) -> list[str]:
-  """Chooses the CMIM taps among the binary layer ``paths`` (in call order).
+  """Chooses the CMIM taps among the binary layer ``paths``.
 
   Args:
-    paths: binary layer paths in the order the model called them.
+    paths: binary layer paths, in any order.
     spec: ``'last:N'`` picks the last binary layer of each of the last ``N``
       stages (a stage is the ``stage{s}`` prefix of the first path component,
-      or the component itself for models without stages); otherwise a
-      comma-separated string or sequence of ``fnmatch`` patterns over paths.
+      or the component itself for models without stages), "last" and the
+      stage order in numeric order of the numbers in the names
+      (``block11`` after ``block9``); otherwise a comma-separated string or
+      sequence of ``fnmatch`` patterns over paths.
 
   Raises:
     ValueError: a pattern matches nothing, or nothing was selected.
@@ -164,7 +170,9 @@ def select_layers(paths: Sequence[str], spec: str | Sequence[str]) -> list[str]:
     except ValueError:
       raise ValueError(f"cmim.layers={spec!r}: expected 'last:N' with an integer N.") from None
     last_of_stage: dict[str, str] = {}
-    for p in paths:
+    # Paths often arrive sorted as strings (pytree dict keys are), which puts
+    # block10 before block9; order by the numbers instead.
+    for p in sorted(paths, key=_natural_key):
       head = p.split("/", 1)[0]
       m = re.match(r"(stage\d+)_", head)
       last_of_stage[m.group(1) if m else head] = p

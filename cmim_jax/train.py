@@ -186,6 +186,9 @@ def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
                                    data_name=config.data.name)
   terms = objectives_lib.from_config(objectives_lib.BuildContext(
       config=config, model=model, info=info, has_teacher=teacher is not None))
+  if teacher is not None and not any("teacher_logits" in t.objective.needs for t in terms):
+    logging.warning("config.teacher=%r is set but no term of config.objectives=%r uses it; "
+                    "add 'kd' to use it.", config.teacher, config.objectives)
   lr = optim.learning_rate_schedule(
       base_lr=config.learning_rate, total_steps=total_steps,
       warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
@@ -317,7 +320,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task
   needs = task.needs
   mutable = ["batch_stats"] + ([losses.BINARY_ACTS] if "binary_acts" in needs else [])
   given = {"labels": labels}
-  if task.teacher is not None:
+  if "teacher_logits" in needs:
     # Frozen, eval mode (running BatchNorm statistics), outside the gradient.
     given["teacher_logits"] = jax.lax.stop_gradient(task.teacher.apply(
         {"params": state.teacher["params"], "batch_stats": state.teacher["batch_stats"]},

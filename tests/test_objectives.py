@@ -1,0 +1,247 @@
+"""Objective terms: KD against numpy and across devices, the registry and the
+config parser, CMIM's layer choice, undecayed heads, teachers and init_from
+(merging, errors), and the smoke chain teacher -> student through the CLI
+configs with a user-registered term that has params and state."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from cmim_jax import default_config
+from cmim_jax import losses
+from cmim_jax import metric_writers
+from cmim_jax import objectives
+from cmim_jax import optim
+from cmim_jax import teachers
+from cmim_jax import train
+from cmim_jax.objectives.kd import kd_loss
+from configs import cifar100_kd
+from configs import cifar100_teacher
+
+
+def numpy_kd(s, t, T):
+  """T^2 * mean_i KL(softmax(t_i/T) || softmax(s_i/T)), and its gradient in s."""
+  def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+  s, t = s.astype(np.float64), t.astype(np.float64)
+  lt, ls = log_softmax(t / T), log_softmax(s / T)
+  value = T * T * np.mean(np.sum(np.exp(lt) * (lt - ls), -1))
+  grad = T / s.shape[0] * (np.exp(ls) - np.exp(lt))
+  return value, grad
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_kd_matches_numpy_value_and_gradient(T):
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(12, 7)) * 3, rng.normal(size=(12, 7)) * 3
+  value, (gs, gt) = jax.value_and_grad(
+      lambda a, b: kd_loss(a, b, temperature=T), argnums=(0, 1))(
+          jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32))
+  want, want_grad = numpy_kd(s, t, T)
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  np.testing.assert_allclose(gs, want_grad, rtol=1e-4, atol=1e-7)
+  assert not np.any(gt)  # The teacher gets no gradient.
+  np.testing.assert_allclose(kd_loss(jnp.asarray(t), jnp.asarray(t), temperature=T), 0.0,
+                             atol=1e-6)
+
+
+def test_kd_across_eight_devices_equals_one_device():
+  rng = np.random.default_rng(1)
+  s = jnp.asarray(rng.normal(size=(32, 5)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(32, 5)), jnp.float32)
+  ref_value, ref_grad = jax.value_and_grad(lambda a: kd_loss(a, t, temperature=2.0))(s)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.shard_map(lambda a, b: kd_loss(a, b, temperature=2.0, axis_name="data"),
+                          mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())
+  value, grad = jax.jit(jax.value_and_grad(sharded))(s, t)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_kd_rejects_mismatched_classes():
+  with pytest.raises(ValueError, match="number of classes"):
+    kd_loss(jnp.ones((4, 10)), jnp.ones((4, 100)), temperature=1.0)
+
+
+def test_config_spec_and_weights():
+  config = default_config.get_config()
+  assert objectives.resolve_weights(config) == [("ce", 1.0), ("cmim", 3.2)]
+  config.cmim.weight = 0.5  # Today's key still sets the CMIM weight...
+  assert objectives.resolve_weights(config) == [("ce", 1.0), ("cmim", 0.5)]
+  config.objectives = "ce:0.25, cmim:2, kd"  # ...unless the spec gives one.
+  assert objectives.resolve_weights(config) == [("ce", 0.25), ("cmim", 2.0), ("kd", 1.0)]
+  for bad, match in [("ce,,kd", "empty entry"), ("ce,ce", "twice"), ("ce:x", "not a number"),
+                     ("ce:-1", ">= 0"), ("ce,moco", "'moco'.*known: ce, cmim, kd")]:
+    config.objectives = bad
+    with pytest.raises(ValueError, match=match):
+      objectives.resolve_weights(config)
+  assert {"ce", "cmim", "kd"} <= set(objectives.names())
+  with pytest.raises(ValueError, match="already registered"):
+    objectives.register("ce")(lambda context: None)
+
+
+def _context(spec, teacher=False):
+  config = default_config.get_config()
+  config.objectives = spec
+  return objectives.BuildContext(config=config, model=None, info=None, has_teacher=teacher)
+
+
+def test_weight_zero_drops_the_term_and_kd_needs_a_teacher():
+  terms = objectives.from_config(_context("ce,kd:0"))
+  assert [t.name for t in terms] == ["ce"]
+  with pytest.raises(ValueError, match="config.teacher is empty"):
+    objectives.from_config(_context("ce,kd"))
+  assert [t.name for t in objectives.from_config(_context("kd", teacher=True))] == ["kd"]
+  with pytest.raises(ValueError, match="no term with a weight > 0"):
+    objectives.from_config(_context("ce:0"))
+
+
+def test_select_layers_orders_numbers_numerically():
+  # As pytree dicts hand them over: sorted as strings, block10 before block9.
+  paths = sorted([f"stage{s}_block{b}/conv{c}" for s in (1, 2, 10) for b in range(1, 12)
+                  for c in (1, 2)])
+  assert losses.select_layers(paths, "last:2") == ["stage2_block11/conv2",
+                                                   "stage10_block11/conv2"]
+  assert losses.select_layers(sorted(f"conv{i}" for i in range(1, 12)), "last:2") == [
+      "conv10", "conv11"]
+
+
+def test_objective_heads_are_not_weight_decayed():
+  params = {"model": {"conv": {"kernel": jnp.ones(3)}},
+            "objectives": {"cmim": {"proj": {"kernel": jnp.ones(3)}}}}
+  tx = optim.create_optimizer(name="sgd", learning_rate=1.0, momentum=0.0, weight_decay=0.5,
+                              decay_mask=train._model_only)  # pylint: disable=protected-access
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["model"]["conv"]["kernel"], 0.5)
+  np.testing.assert_allclose(new["objectives"]["cmim"]["proj"]["kernel"], 1.0)
+
+
+def test_merge_matching_lists_new_and_unused_and_names_shape_mismatches():
+  target = {"a": {"kernel": np.zeros((2, 3))}, "b": {"scale": np.zeros(3)}}
+  source = {"a": {"kernel": np.ones((2, 3))}, "c": {"bias": np.ones(1)}}
+  merged, new, unused = teachers.merge_matching(target, source, what="x")
+  np.testing.assert_array_equal(merged["a"]["kernel"], 1.0)
+  np.testing.assert_array_equal(merged["b"]["scale"], 0.0)
+  assert new == ["b/scale"] and unused == ["c/bias"]
+  with pytest.raises(ValueError, match="'a/kernel' has shape \\(3, 3\\)"):
+    teachers.merge_matching(target, {"a": {"kernel": np.ones((3, 3))}}, what="x")
+
+
+# --------------------------------------------------------------- the chain
+
+@objectives.register("probe")
+def _probe(context):
+  del context
+  return ProbeTerm()
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeTerm(objectives.Objective):
+  """A user's term with a trainable scalar and a counter of the examples seen."""
+  needs = ("teacher_logits",)
+
+  def init(self, key, example):
+    del key
+    assert example["teacher_logits"].shape == example["logits"].shape
+    return {"w": jnp.zeros(())}, {"seen": jnp.zeros((), jnp.int32)}
+
+  def loss(self, params, state, batch, *, aux, axis_name):
+    seen = state["seen"] + jax.lax.psum(aux["labels"].shape[0], axis_name)
+    return (params["w"] - 1.0) ** 2, {"seen": seen}, {"w": params["w"]}
+
+
+def _on_digits(config, steps=4):
+  config.data.name = "digits"
+  config.data.source = "digits"
+  config.data.train_split = "train"
+  config.data.eval_split = "test[:64]"
+  config.data.augment = "none"
+  config.model.stage_sizes = (1, 1, 1)
+  config.batch_size = 16
+  config.eval_batch_size = 64
+  config.num_train_steps = steps
+  config.log_every_steps = 2
+  config.eval_every_steps = steps
+  config.checkpoint_every_steps = steps
+  return config
+
+
+def _restore_raw(workdir):
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+
+
+def test_smoke_chain_teacher_then_student(tmp_path):
+  """configs/cifar100_teacher.py:smoke -> cifar100_kd.py:smoke (on digits), with init_from."""
+  teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
+  teacher = _on_digits(cifar100_teacher.get_config("smoke"))
+  assert teacher.model.name == "resnet20_fp" and teacher.objectives == "ce"
+  train.train_and_evaluate(teacher, teacher_dir)
+
+  student = _on_digits(cifar100_kd.get_config("smoke"))
+  student.teacher = teacher_dir
+  student.init_from = teacher_dir  # Step 2 of a two-step recipe: the FP weights as a start.
+  student.objectives = "ce,kd,probe"
+  train.train_and_evaluate(student, student_dir)
+
+  saved_teacher = _restore_raw(teacher_dir)
+  saved = _restore_raw(student_dir)
+  # The teacher rode along frozen: its weights are bit-equal to its own checkpoint.
+  jax.tree.map(np.testing.assert_array_equal, saved["teacher"]["params"],
+               saved_teacher["params"]["model"])
+  jax.tree.map(np.testing.assert_array_equal, saved["teacher"]["batch_stats"],
+               saved_teacher["batch_stats"])
+  # The user's term: its state saw every example of every step on every device,
+  # its parameter was trained by the shared optimizer (SGD pulls w from 0 to 1).
+  assert int(saved["objectives"]["probe"]["seen"]) == 4 * 16
+  assert 0.0 < float(saved["params"]["objectives"]["probe"]["w"]) < 1.0
+  records = [r for r in metric_writers.read_metrics(student_dir) if r["split"] == "train"]
+  assert all(np.isfinite(r["kd_loss"]) and r["kd_loss"] > 0 for r in records)
+  assert all("probe_loss/w" in r and "ce_loss" in r for r in records)
+  with open(os.path.join(student_dir, "config.json")) as f:
+    assert json.load(f)["teacher"] == teacher_dir
+
+
+def test_init_from_copies_matching_weights(tmp_path):
+  teacher_dir = str(tmp_path / "teacher")
+  teacher = _on_digits(cifar100_teacher.get_config("smoke"), steps=2)
+  train.train_and_evaluate(teacher, teacher_dir)
+  student = _on_digits(cifar100_kd.get_config("smoke"))
+  student.objectives, student.teacher, student.init_from = "ce", "", teacher_dir
+  setup = train._Setup(student)  # pylint: disable=protected-access
+  state, report = teachers.init_from(jax.device_get(setup.initial_state), teacher_dir)
+  source = _restore_raw(teacher_dir)["params"]["model"]
+  flat = dict(jax.tree_util.tree_leaves_with_path(state.params["model"]))
+  copied = 0
+  for path, want in jax.tree_util.tree_leaves_with_path(source):
+    if path in flat:
+      np.testing.assert_array_equal(flat[path], want)
+      copied += 1
+  assert copied > 10 and report["step"] == 2 and report["unused"] == []
+
+
+@pytest.mark.parametrize("key,value,error,match", [
+    ("teacher", "/nonexistent/run", FileNotFoundError, "config.teacher=.*no such directory"),
+    ("init_from", "EMPTY", FileNotFoundError, "config.init_from=.*holds no config.json"),
+    ("objectives", "ce,kd", ValueError, "config.teacher is empty"),
+])
+def test_bad_teacher_or_init_paths_fail_before_training(tmp_path, key, value, error, match):
+  config = _on_digits(cifar100_kd.get_config("smoke"))
+  config.teacher = ""
+  config.objectives = "ce"
+  config[key] = str(tmp_path) if value == "EMPTY" else value
+  with pytest.raises(error, match=match):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
