@@ -218,7 +218,7 @@ def get_datasets(data_config, *, global_batch_size: int,
     return _iterators.HostTransform(
         crop=spec.crop, train=train, augment=mode, image_size=image_shape[0],
         pad=pad, crop_fraction=cfg.eval_crop_fraction,
-        num_threads=num_threads)
+        num_threads=num_threads, pad_mode=spec.pad_mode)
 
   train = _iterators.TrainData(
       train_records, global_batch_size=global_batch_size, seed=seed,
@@ -237,7 +237,8 @@ def get_datasets(data_config, *, global_batch_size: int,
       image_shape=image_shape, num_train=len(train_records),
       num_eval=0 if eval_records is None else len(eval_records),
       mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
-      augment=mode, crop_padding=pad, class_names=data.class_names)
+      augment=mode, crop_padding=pad, pad_mode=spec.pad_mode,
+      class_names=data.class_names)
   return train, evals, info
 
 

@@ -245,3 +245,28 @@ def test_bad_teacher_or_init_paths_fail_before_training(tmp_path, key, value, er
   with pytest.raises(error, match=match):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+# ------------------------------------------------ CIFAR-100 reflection padding
+
+def test_cifar100_pads_by_reflection_on_device_and_host():
+  from cmim_jax.data import augment, catalogue
+  assert catalogue.dataset_spec("cifar100").pad_mode == "reflect"
+  assert catalogue.dataset_spec("cifar10").pad_mode == "constant"
+  rng = np.random.default_rng(0)
+  images = rng.integers(1, 256, size=(16, 8, 8, 3), dtype=np.uint8)  # No zero pixel.
+  keys = augment.example_keys(jax.random.PRNGKey(0), 16)
+  reflected = np.asarray(augment.pad_crop_flip(keys, jnp.asarray(images), 2, "reflect"))
+  zeros = np.asarray(augment.pad_crop_flip(keys, jnp.asarray(images), 2))
+  assert np.any(zeros == 0) and not np.any(reflected == 0)  # Same windows, other padding.
+  # Every crop is a window of numpy's reflect padding (the host version), maybe flipped.
+  offsets = np.array([(r, c) for r in range(5) for c in range(5)])
+  for i, crop in enumerate(reflected):
+    windows = [augment.pad_crop_flip_np(images[i:i + 1], offsets[j:j + 1], np.array([f]), 2,
+                                        "reflect")[0]
+               for j in range(len(offsets)) for f in (False, True)]
+    assert any(np.array_equal(crop, w) for w in windows)
+  padded = np.pad(images[:1], ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+  np.testing.assert_array_equal(
+      augment.pad_crop_flip_np(images[:1], np.array([[0, 0]]), np.array([False]), 2, "reflect"),
+      padded[:, :8, :8])

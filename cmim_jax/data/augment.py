@@ -2,10 +2,11 @@
 
 Two families (docs/METHODS.md, section 7, and the papers' released code):
 
-* ``pad_crop``: CIFAR style. Zero-pad ``pad`` pixels on each side (0 is black
-  in uint8, as torchvision's ``RandomCrop(32, padding=4)`` pads the PIL image
-  before ``Normalize``), take a random ``H x W`` window, flip horizontally
-  with probability 1/2. The host version (numpy) and the device version
+* ``pad_crop``: CIFAR style. Pad ``pad`` pixels on each side, with zeros (0
+  is black in uint8, as torchvision's ``RandomCrop(32, padding=4)`` pads the
+  PIL image before ``Normalize``) or, for CIFAR-100 (``info.pad_mode``), by
+  reflection as CMIM's released code (``Pad(4, padding_mode='reflect')``);
+  take a random ``H x W`` window, flip horizontally with probability 1/2. The host version (numpy) and the device version
   (``jax.random``) draw the same distribution.
 * ``resized_crop``: ImageNet style, host only (images differ in size).
   Training: random crop of area fraction U(0.08, 1) of the image and aspect
@@ -41,20 +42,22 @@ def pad_crop_flip_params(rng: np.random.Generator, n: int, pad: int):
 
 
 def pad_crop_flip_np(images: np.ndarray, offsets: np.ndarray,
-                     flips: np.ndarray, pad: int) -> np.ndarray:
+                     flips: np.ndarray, pad: int,
+                     mode: str = 'constant') -> np.ndarray:
   """Applies pad-crop-flip to a uint8 batch with the given parameters.
 
   Args:
     images: uint8[B, H, W, C].
     offsets: int[B, 2], (row, column) of each window in the padded image.
     flips: bool[B], flip horizontally after cropping.
-    pad: zero padding on each side.
+    pad: padding on each side.
+    mode: 'constant' (zeros) or 'reflect' (``np.pad``'s modes).
 
   Returns:
     uint8[B, H, W, C].
   """
   b, h, w, _ = images.shape
-  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
   rows = offsets[:, 0, None] + np.arange(h)  # [B, H]
   # Flipping is reading the columns of the window backwards.
   cols = np.where(flips[:, None], np.arange(w - 1, -1, -1), np.arange(w))
@@ -143,14 +146,16 @@ def example_keys(rng: jax.Array, n: int, index_offset=0) -> jax.Array:
       index_offset + jnp.arange(n))
 
 
-def pad_crop_flip(keys: jax.Array, images: jax.Array, pad: int) -> jax.Array:
-  """Random zero-pad crop and horizontal flip of a batch, in jax.
+def pad_crop_flip(keys: jax.Array, images: jax.Array, pad: int,
+                  mode: str = 'constant') -> jax.Array:
+  """Random pad-crop and horizontal flip of a batch, in jax.
 
   Args:
     keys: one PRNG key per image (``example_keys``); image ``i``'s window
       and flip are a function of ``keys[i]`` alone.
     images: [B, H, W, C], any dtype (uint8 keeps the gather cheap).
-    pad: zero padding on each side; offsets are uniform in ``[0, 2 * pad]``.
+    pad: padding on each side; offsets are uniform in ``[0, 2 * pad]``.
+    mode: 'constant' (zeros) or 'reflect' (``jnp.pad``'s modes).
 
   Returns:
     Array of the shape and dtype of ``images``.
@@ -166,7 +171,7 @@ def pad_crop_flip(keys: jax.Array, images: jax.Array, pad: int) -> jax.Array:
     # trainer's earlier per-example code, so runs stay reproducible.
     offset = jax.random.randint(crop_key, (1, 2), 0, 2 * pad + 1)[0]
     flip = jax.random.bernoulli(flip_key, 0.5, (1,))[0]
-    padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode=mode)
     crop = jax.lax.dynamic_slice(padded, (offset[0], offset[1], 0), (h, w, c))
     return jnp.where(flip, crop[:, ::-1], crop)
 
@@ -237,5 +242,5 @@ def preprocess_on_device(rng: jax.Array | None, images: jax.Array, *, info,
     if rng is None:
       raise ValueError("augment='device' with train=True needs an rng key.")
     keys = example_keys(rng, images.shape[0], index_offset)
-    images = pad_crop_flip(keys, images, info.crop_padding)
+    images = pad_crop_flip(keys, images, info.crop_padding, info.pad_mode)
   return normalize(images, info.mean, info.std)

@@ -34,6 +34,9 @@ class DatasetSpec:
     crop: 'pad_crop' (CIFAR-style) or 'resized_crop' (ImageNet-style).
     sources: the order in which ``source='auto'`` tries the loaders.
     how_to: how a user provides the data, for error messages.
+    pad_mode: how the pad-crop pads: 'constant' (zeros) or 'reflect'
+      (mirrored without repeating the edge, as torchvision's
+      ``Pad(4, padding_mode='reflect')``).
   """
   num_classes: int | None
   image_shape: tuple[int, int, int] | None
@@ -44,6 +47,7 @@ class DatasetSpec:
   crop: str
   sources: tuple[str, ...]
   how_to: str
+  pad_mode: str = 'constant'
 
 
 def _cifar_how_to(name, archive):
@@ -66,7 +70,9 @@ DATASETS = {
     'cifar100': DatasetSpec(
         100, (32, 32, 3), CIFAR100_MEAN, CIFAR100_STD, ('train', 'test'),
         'device', 'pad_crop', ('tfds', 'cifar_archive', 'folder'),
-        _cifar_how_to('cifar100', 'cifar-100-python.tar.gz')),
+        _cifar_how_to('cifar100', 'cifar-100-python.tar.gz'),
+        # CMIM's released CIFAR-100 training code pads by reflection.
+        pad_mode='reflect'),
     'imagenet2012': DatasetSpec(
         1000, None, IMAGENET_MEAN, IMAGENET_STD, ('train', 'validation'),
         'host', 'resized_crop', ('tfds',),

@@ -37,13 +37,16 @@ class HostTransform:
     train: training (random) or evaluation (deterministic) transform.
     augment: resolved mode; random host augmentation only for 'host'.
     image_size: output side for 'resized_crop'.
-    pad: zero padding of the pad-crop.
+    pad: padding of the pad-crop.
+    pad_mode: 'constant' or 'reflect'.
     crop_fraction: central crop fraction for 'resized_crop' evaluation.
     num_threads: threads for per-image (PIL) work.
   """
 
   def __init__(self, *, crop: str, train: bool, augment: str, image_size: int,
-               pad: int, crop_fraction: float, num_threads: int):
+               pad: int, crop_fraction: float, num_threads: int,
+               pad_mode: str = 'constant'):
+    self.pad_mode = pad_mode
     self.crop, self.train, self.augment = crop, train, augment
     self.image_size, self.pad, self.crop_fraction = (image_size, pad,
                                                      crop_fraction)
@@ -64,7 +67,7 @@ class HostTransform:
       offsets, flips = aug.pad_crop_flip_params(
           np.random.default_rng([seed, 1, step]), global_batch, self.pad)
       return aug.pad_crop_flip_np(images, offsets[slots], flips[slots],
-                                  self.pad)
+                                  self.pad, self.pad_mode)
 
     def one(args):
       image, slot = args

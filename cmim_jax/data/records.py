@@ -142,7 +142,8 @@ class DatasetInfo:
     mean: per-channel mean on the 0..1 scale.
     std: per-channel std on the 0..1 scale.
     augment: the resolved augmentation mode ('device', 'host', 'none').
-    crop_padding: zero padding of the pad-crop (0: no pad-crop).
+    crop_padding: padding of the pad-crop (0: no pad-crop).
+    pad_mode: 'constant' (zeros) or 'reflect': how the pad-crop pads.
     class_names: class names in label order.
   """
   name: str
@@ -155,5 +156,6 @@ class DatasetInfo:
   std: tuple[float, ...]
   augment: str
   crop_padding: int
+  pad_mode: str = 'constant'
   class_names: tuple[str, ...] = dataclasses.field(
       default=(), compare=False, repr=False)
