@@ -27,22 +27,23 @@ CONFIG_FILE = "config.json"
 
 
 def _check_workdir(workdir: str, key: str) -> str:
+  from cmim_jax import paths  # Local paths and gs:// alike.
   if not workdir:
     raise ValueError(f"config.{key} is empty.")
-  path = os.path.abspath(os.path.expanduser(workdir))
-  if not os.path.isdir(path):
+  path = paths.resolve(os.path.expanduser(str(workdir)), what=f"config.{key}")
+  if not path.is_dir():
     raise FileNotFoundError(f"config.{key}={workdir!r}: no such directory. Point it at the "
                             "--workdir of an earlier training run of cmim_jax.")
-  if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+  if not (path / CONFIG_FILE).exists():
     raise FileNotFoundError(f"config.{key}={workdir!r} holds no {CONFIG_FILE}, so it is not "
                             "the workdir of a cmim_jax training run; train one there first "
                             "(python -m cmim_jax.main --mode train --workdir ...).")
-  ckpt_dir = os.path.join(path, "checkpoints")
-  steps = [d for d in os.listdir(ckpt_dir)] if os.path.isdir(ckpt_dir) else []
+  ckpt_dir = path / "checkpoints"
+  steps = [d.name for d in ckpt_dir.iterdir()] if ckpt_dir.is_dir() else []
   if not any(d.isdigit() for d in steps):
     raise FileNotFoundError(f"config.{key}={workdir!r} has no checkpoint under {ckpt_dir}; "
                             "let that run save one (it saves at its end) before using it.")
-  return path
+  return str(path)
 
 
 def load_run(workdir: str, key: str = "teacher"):
