@@ -163,6 +163,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.cmim.layers = "last:3"  # 'last:N' = last binary layer of each of the last N
   #                                stages, or comma-separated path patterns.
   config.cmim.embed_dim = 128  # Output size of each projection head.
+  # 'batch': the negatives are the other samples of the global batch;
+  # 'memory': num_negatives per sample from two momentum memory banks per
+  # tapped layer (n_train x embed_dim each, replicated on every device).
+  config.cmim.negatives = "batch"
+  config.cmim.num_negatives = 4096
+  config.cmim.momentum = 0.5  # Bank update: m * old + (1 - m) * new.
+  config.cmim.class_aware = False  # Drop drawn negatives of the sample's class.
 
   config.batch_size = 128  # Global batch, split over all devices of all hosts.
   config.eval_batch_size = 0  # 0 = batch_size.

@@ -270,3 +270,121 @@ def test_cifar100_pads_by_reflection_on_device_and_host():
   np.testing.assert_array_equal(
       augment.pad_crop_flip_np(images[:1], np.array([[0, 0]]), np.array([False]), 2, "reflect"),
       padded[:, :8, :8])
+
+
+# ------------------------------------------------------ memory-bank negatives
+
+from cmim_jax.objectives import memory  # pylint: disable=g-import-not-at-top
+
+
+def numpy_memory_infonce(zb, zf, bank_b, bank_f, neg, tau, keep=None):
+  def side(anchor, positive, bank):
+    total = 0.0
+    for i in range(len(anchor)):
+      logits = [anchor[i] @ positive[i] / tau]
+      for k, n in enumerate(neg[i]):
+        if keep is None or keep[i, k]:
+          logits.append(anchor[i] @ bank[n] / tau)
+      logits = np.asarray(logits, np.float64)
+      total += np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[0]
+    return total / len(anchor)
+  return 0.5 * (side(zb, zf, bank_f) + side(zf, zb, bank_b))
+
+
+def _unit(rng, *shape):
+  x = rng.normal(size=shape).astype(np.float32)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_memory_infonce_and_bank_update_match_numpy():
+  rng = np.random.default_rng(0)
+  zb, zf = _unit(rng, 6, 4), _unit(rng, 6, 4)
+  bank_b, bank_f = _unit(rng, 20, 4), _unit(rng, 20, 4)
+  neg = rng.integers(0, 20, size=(6, 5))
+  keep = rng.random((6, 5)) < 0.7
+  for k in (None, keep):
+    got = memory.memory_infonce(jnp.asarray(zb), jnp.asarray(zf), jnp.asarray(bank_b),
+                                jnp.asarray(bank_f), jnp.asarray(neg), temperature=0.1,
+                                keep=None if k is None else jnp.asarray(k))
+    np.testing.assert_allclose(got, numpy_memory_infonce(zb, zf, bank_b, bank_f, neg, 0.1, k),
+                               rtol=1e-5)
+  index = np.array([3, 7, 11])
+  new = np.asarray(memory.update_bank(jnp.asarray(bank_b), jnp.asarray(index),
+                                      jnp.asarray(zb[:3]), 0.5))
+  want = bank_b.copy()
+  moved = 0.5 * bank_b[index] + 0.5 * zb[:3]
+  want[index] = moved / np.linalg.norm(moved, axis=1, keepdims=True)
+  np.testing.assert_allclose(new, want, rtol=1e-5, atol=1e-6)
+
+
+def test_draw_negatives_skips_own_index_and_depends_on_position_only():
+  key = jax.random.PRNGKey(3)
+  own = jnp.array([0, 5, 9, 5])
+  neg = np.asarray(memory.draw_negatives(key, jnp.arange(4), own, num_data=10, num=500))
+  assert neg.min() >= 0 and neg.max() <= 9
+  for i in range(4):
+    assert int(own[i]) not in neg[i]
+    assert len(set(neg[i])) == 9  # Every other row is reachable.
+  again = memory.draw_negatives(key, jnp.arange(2, 4), own[2:], num_data=10, num=500)
+  np.testing.assert_array_equal(again, neg[2:])
+
+
+def _memory_term(class_aware):
+  from cmim_jax.objectives.cmim import CMIM
+  heads = losses.CMIMHeads(layers=("s1/conv", "s2/conv"), embed_dim=8)
+  return CMIM(heads=heads, temperature=0.2, negatives="memory", num_data=40,
+              num_negatives=12, momentum=0.5, class_aware=class_aware)
+
+
+@pytest.mark.parametrize("class_aware", [False, True])
+def test_memory_term_on_eight_devices_equals_one_device(class_aware):
+  """Same drawn negatives, same loss and head gradients, same bank updates."""
+  term = _memory_term(class_aware)
+  rng = np.random.default_rng(1)
+  acts = {f"s{i}": {"conv": {"a_B": (jnp.asarray(rng.normal(size=(16, 4, 4, 3)), jnp.float32),),
+                             "a_F": (jnp.asarray(rng.normal(size=(16, 4, 4, 3)), jnp.float32),)}}
+          for i in (1, 2)}
+  example = jax.tree.map(lambda x: x[:1], acts)
+  params, state = term.init(jax.random.PRNGKey(0), {"binary_acts": example})
+  labels = jnp.asarray(rng.integers(0, 3, size=16), jnp.int32)
+  index = jnp.asarray(rng.permutation(40)[:16], jnp.int32)
+  state = dict(state, labels=state["labels"].at[index[:8]].set(labels[:8]))  # Some seen.
+
+  def run(n):
+    mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    def per_device(params, state, acts, labels, index):
+      def f(p):
+        value, new, _ = term.loss(p, state, {"index": index},
+                                  aux={"binary_acts": acts, "labels": labels}, axis_name="data")
+        return value, new
+      (value, new), grads = jax.value_and_grad(f, has_aux=True)(params)
+      return value, new, jax.lax.pmean(grads, "data")
+    fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P("data"), P("data"),
+                                                        P("data")), out_specs=P())
+    return jax.device_get(jax.jit(fn)(params, state, acts, labels, index))
+
+  one, eight = run(1), run(8)
+  np.testing.assert_allclose(eight[0], one[0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               eight[2], one[2])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               eight[1], one[1])
+  new = one[1]
+  # The batch's rows moved (and only those), the labels were recorded, the draw advanced.
+  bank0 = np.asarray(state["banks"]["s1_conv"]["f"])
+  changed = np.any(np.asarray(new["banks"]["s1_conv"]["f"]) != bank0, axis=1)
+  np.testing.assert_array_equal(np.flatnonzero(changed), np.sort(np.asarray(index)))
+  np.testing.assert_array_equal(new["labels"][np.asarray(index)], labels)
+  assert int(new["count"]) == 1
+  # Against numpy with the same draws: the value of the first layer.
+  negs = np.asarray(memory.draw_negatives(jax.random.fold_in(state["key"], 0), jnp.arange(16),
+                                          index, num_data=40, num=12))
+  keep = (np.asarray(state["labels"])[negs] != np.asarray(labels)[:, None]) if class_aware else None
+  taps = losses.tapped_activations(acts, term.layers)
+  emb = term.heads.apply({"params": params}, taps)
+  want = sum(numpy_memory_infonce(np.asarray(zb), np.asarray(zf),
+                                  np.asarray(state["banks"][k]["b"]),
+                                  np.asarray(state["banks"][k]["f"]), negs, 0.2, keep)
+             for k, (zb, zf) in zip(("s1_conv", "s2_conv"), emb.values()))
+  np.testing.assert_allclose(one[0], want, rtol=1e-5)

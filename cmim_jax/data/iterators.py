@@ -131,16 +131,19 @@ class TrainData:
     return self._permutation(epoch)[first:first + self.local_batch_size]
 
   def get_batch(self, step: int) -> dict:
-    """The process-local batch of ``step``: uint8 images, int32 labels."""
+    """The process-local batch of ``step``: uint8 images, int32 labels and
+    each example's row in the split (``'index'``, for memory banks)."""
     if step < 0:
       raise ValueError(f'step must be >= 0, got {step}.')
-    images, labels = self._records.read(self.indices(step))
+    rows = self.indices(step)
+    images, labels = self._records.read(rows)
     slots = self._process_index * self.local_batch_size + np.arange(
         self.local_batch_size)
     images = self._transform(images, seed=self._seed, step=int(step),
                              slots=slots,
                              global_batch=self.global_batch_size)
-    return {'image': images, 'label': labels}
+    return {'image': images, 'label': labels,
+            'index': np.asarray(rows, np.int32)}
 
   def iterator(self, start_step: int = 0,
                num_steps: int | None = None) -> Iterator[dict]:
