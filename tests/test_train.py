@@ -253,8 +253,11 @@ def test_nan_loss_stops_with_the_step(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
+  # CMIM with memory-bank negatives: the objectives' state (banks, draw
+  # counter) must come back from the checkpoint too.
   config = small_config(num_train_steps=6, checkpoint_every_steps=3, eval_every_steps=6,
-                        keep_checkpoints=5)
+                        keep_checkpoints=5, **{"cmim.negatives": "memory",
+                                               "cmim.num_negatives": 64})
   full, resumed = tmp_path / "full", tmp_path / "resumed"
   train.train_and_evaluate(config, str(full))
   assert train.load_run_config(str(full)).to_dict() == config.to_dict()
@@ -273,6 +276,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
   for ra, rb in zip(a, b):
     np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-6)
+    np.testing.assert_allclose(ra["cmim_loss"], rb["cmim_loss"], rtol=1e-6)
   ea = [r for r in metric_writers.read_metrics(str(full)) if r["split"] == "eval"][-1]
   eb = [r for r in metric_writers.read_metrics(str(resumed)) if r["split"] == "eval"][-1]
   assert ea["accuracy"] == eb["accuracy"] and ea["num_examples"] == eb["num_examples"]
