@@ -155,6 +155,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.kd.weight = 1.0
   config.kd.temperature = 1.0  # T; 1 = ReActNet's distributional loss.
 
+  # CMIM's released-code form (objective 'crd', needs config.teacher): CRD-style
+  # NCE between teacher and student penultimate features through two
+  # momentum memory banks (n_train x embed_dim each, on every device).
+  config.crd = ml_collections.ConfigDict()
+  config.crd.weight = 3.2  # The released code's alpha.
+  config.crd.embed_dim = 128
+  config.crd.num_negatives = 4096
+  config.crd.temperature = 0.1
+  config.crd.momentum = 0.5
+  config.crd.class_aware = True  # Drop drawn negatives of the sample's (last seen) class.
+
   # CMIM (Shang et al. 2022): symmetric InfoNCE between the projected binary and
   # latent real activations of the tapped layers, negatives from the global batch.
   config.cmim = ml_collections.ConfigDict()

@@ -203,6 +203,29 @@ def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
               ede_t_min=float(config.ede.t_min), ede_t_max=float(config.ede.t_max))
 
 
+def _apply(model, variables, images, *, features: bool, **kwargs):
+  """``model.apply``, plus the input of its classifier ``fc`` when ``features``.
+
+  Returns:
+    ``(output, features or None)``; ``output`` is what ``model.apply`` returns.
+  """
+  if not features:
+    return model.apply(variables, images, **kwargs), None
+  captured = []
+
+  def intercept(next_fun, args, kwargs, context):
+    if (context.method_name == "__call__" and context.module.name == "fc"
+        and isinstance(context.module, nn.Dense)):
+      captured.append(args[0])
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(intercept):
+    out = model.apply(variables, images, **kwargs)
+  if not captured:
+    raise ValueError(f"{type(model).__name__} has no classifier nn.Dense named 'fc', whose "
+                     "input is the penultimate feature a term asked for.")
+  return out, captured[-1]
+
+
 def _model_only(params):
   # Weight decay is for the network; the objectives' heads are not decayed.
   return {k: jax.tree.map(lambda _: k == "model", v) for k, v in params.items()}
@@ -241,10 +264,14 @@ def init_state(task: Task, rng: jax.Array, teacher: Any = None) -> TrainState:
   x = jnp.zeros((1,) + tuple(task.info.image_shape), jnp.float32)
   variables = variables_lib.init_variables(model, model_rng, x)
   mutable = [losses.BINARY_ACTS] if "binary_acts" in task.needs else []
-  logits, sown = model.apply(variables, x, train=False, mutable=mutable)
+  (logits, sown), features = _apply(model, variables, x, features="features" in task.needs,
+                                    train=False, mutable=mutable)
   example = {"logits": logits, "labels": jnp.zeros((1,), jnp.int32),
-             "binary_acts": sown.get(losses.BINARY_ACTS, {}),
+             "binary_acts": sown.get(losses.BINARY_ACTS, {}), "features": features,
              "teacher_logits": jnp.zeros_like(logits)}
+  if task.teacher is not None and teacher:
+    example["teacher_logits"], example["teacher_features"] = _apply(
+        task.teacher, teacher, x, features=True, train=False)
   params, term_states = {"model": variables["params"], "objectives": {}}, {}
   for term in task.objectives:
     key = objectives_lib.term_key(terms_rng, term.name)
@@ -320,17 +347,23 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task
   needs = task.needs
   mutable = ["batch_stats"] + ([losses.BINARY_ACTS] if "binary_acts" in needs else [])
   given = {"labels": labels}
-  if "teacher_logits" in needs:
+  if {"teacher_logits", "teacher_features"} & needs:
     # Frozen, eval mode (running BatchNorm statistics), outside the gradient.
-    given["teacher_logits"] = jax.lax.stop_gradient(task.teacher.apply(
+    t_logits, t_features = jax.lax.stop_gradient(_apply(
+        task.teacher,
         {"params": state.teacher["params"], "batch_stats": state.teacher["batch_stats"]},
-        images, train=False))
+        images, features="teacher_features" in needs, train=False))
+    given["teacher_logits"] = t_logits
+    if t_features is not None:
+      given["teacher_features"] = t_features
 
   def loss_fn(params):
-    logits, new_vars = task.model.apply(
-        {"params": params["model"], "batch_stats": state.batch_stats},
-        images, train=True, schedule=schedule, mutable=mutable)
+    (logits, new_vars), features = _apply(
+        task.model, {"params": params["model"], "batch_stats": state.batch_stats},
+        images, features="features" in needs, train=True, schedule=schedule, mutable=mutable)
     aux = {"logits": logits, **given}
+    if features is not None:
+      aux["features"] = features
     if "binary_acts" in needs:
       aux["binary_acts"] = new_vars[losses.BINARY_ACTS]
     metrics = {"accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))}

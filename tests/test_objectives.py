@@ -1,7 +1,8 @@
-"""Objective terms: KD against numpy and across devices, the registry and the
-config parser, CMIM's layer choice, undecayed heads, teachers and init_from
-(merging, errors), and the smoke chain teacher -> student through the CLI
-configs with a user-registered term that has params and state."""
+"""Objective terms: KD, memory-bank CMIM and CRD against numpy and across
+devices, the registry and the config parser, CMIM's layer choice, undecayed
+heads, teachers and init_from (merging, errors), CIFAR-100 reflection
+padding, and the smoke chain teacher -> student through the CLI configs with
+a user-registered term that has params and state."""
 
 import dataclasses
 import json
@@ -81,11 +82,11 @@ def test_config_spec_and_weights():
   config.objectives = "ce:0.25, cmim:2, kd"  # ...unless the spec gives one.
   assert objectives.resolve_weights(config) == [("ce", 0.25), ("cmim", 2.0), ("kd", 1.0)]
   for bad, match in [("ce,,kd", "empty entry"), ("ce,ce", "twice"), ("ce:x", "not a number"),
-                     ("ce:-1", ">= 0"), ("ce,moco", "'moco'.*known: ce, cmim, kd")]:
+                     ("ce:-1", ">= 0"), ("ce,moco", "'moco'.*known: ce, cmim, crd, kd")]:
     config.objectives = bad
     with pytest.raises(ValueError, match=match):
       objectives.resolve_weights(config)
-  assert {"ce", "cmim", "kd"} <= set(objectives.names())
+  assert {"ce", "cmim", "crd", "kd"} <= set(objectives.names())
   with pytest.raises(ValueError, match="already registered"):
     objectives.register("ce")(lambda context: None)
 
@@ -210,7 +211,8 @@ def test_smoke_chain_teacher_then_student(tmp_path):
   _check_init_from(student, teacher_dir)
   student.teacher = teacher_dir
   student.init_from = teacher_dir  # Step 2 of a two-step recipe: the FP weights as a start.
-  student.objectives = "ce,kd,probe"
+  student.objectives = "ce,kd,probe,crd"  # crd: CMIM's released-code form.
+  student.crd.num_negatives, student.crd.embed_dim = 64, 8
   train.train_and_evaluate(student, student_dir)
 
   saved_teacher = _restore_raw(teacher_dir)
@@ -223,9 +225,14 @@ def test_smoke_chain_teacher_then_student(tmp_path):
   # The user's term: its state saw every example of every step on every device,
   # its parameter was trained by the shared optimizer (SGD pulls w from 0 to 1).
   assert int(saved["objectives"]["probe"]["seen"]) == 4 * 16
+  # crd's banks took the rows of the 64 distinct examples of four batches.
+  assert int(saved["objectives"]["crd"]["count"]) == 4
+  assert (np.asarray(saved["objectives"]["crd"]["labels"]) >= 0).sum() == 4 * 16
   assert 0.0 < float(saved["params"]["objectives"]["probe"]["w"]) < 1.0
   records = [r for r in metric_writers.read_metrics(student_dir) if r["split"] == "train"]
   assert all(np.isfinite(r["kd_loss"]) and r["kd_loss"] > 0 for r in records)
+  assert all(np.isfinite(r["crd_loss/student"]) and np.isfinite(r["crd_loss/teacher"])
+             for r in records)
   assert all("probe_loss/w" in r and "ce_loss" in r for r in records)
   with open(os.path.join(student_dir, "config.json")) as f:
     assert json.load(f)["teacher"] == teacher_dir
@@ -387,3 +394,89 @@ def test_memory_term_on_eight_devices_equals_one_device():
                                   np.asarray(state["banks"][k]["f"]), negs, 0.2, keep)
              for k, (zb, zf) in zip(("s1_conv", "s2_conv"), emb.values()))
   np.testing.assert_allclose(one[0], want, rtol=1e-5)
+
+
+# ------------------------------------------------ crd (released-code form)
+
+from cmim_jax.objectives import crd as crd_lib  # pylint: disable=g-import-not-at-top
+
+
+def numpy_nce_side(anchor, bank, own, neg, tau, m, log_z=None, keep=None):
+  """CRD's NCE written out: P = exp(a.b/tau)/Z, Z = M * mean(exp) on the first batch."""
+  rows = np.concatenate([own[:, None], neg], axis=1)
+  out = np.exp(np.einsum("bd,bkd->bk", anchor.astype(np.float64), bank[rows]) / tau)
+  z = out.mean() * m if log_z is None else np.exp(log_z)
+  p = out / z
+  k = neg.shape[1]
+  d1 = np.log(p[:, 0] / (p[:, 0] + k / m))
+  d0 = np.log((k / m) / (p[:, 1:] + k / m))
+  if keep is not None:
+    d0 = np.where(keep, d0, 0.0)
+  return -np.mean(d1 + d0.sum(1)), np.log(z)
+
+
+def test_crd_nce_matches_numpy():
+  rng = np.random.default_rng(0)
+  anchor, bank = _unit(rng, 6, 4), _unit(rng, 30, 4)
+  own = rng.permutation(30)[:6]
+  neg = rng.integers(0, 30, size=(6, 5))
+  keep = rng.random((6, 5)) < 0.7
+  want, log_z = numpy_nce_side(anchor, bank, own, neg, 0.1, 30, keep=keep)
+  _, mean_exp = crd_lib.nce_side(jnp.asarray(anchor), jnp.asarray(bank), jnp.asarray(own),
+                                 jnp.asarray(neg), 0.0, temperature=0.1, num_data=30)
+  np.testing.assert_allclose(np.log(mean_exp) + np.log(30), log_z, rtol=1e-5)
+  got, _ = crd_lib.nce_side(jnp.asarray(anchor), jnp.asarray(bank), jnp.asarray(own),
+                            jnp.asarray(neg), log_z, temperature=0.1, num_data=30,
+                            keep=jnp.asarray(keep))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_crd_term_on_eight_devices_equals_one_device_and_numpy():
+  """Two steps (Z set on the first, then fixed): loss, head gradients, banks."""
+  term = crd_lib.CRD(embed_dim=8, num_data=40, num_negatives=12, temperature=0.1,
+                     momentum=0.5, class_aware=True)
+  rng = np.random.default_rng(2)
+  feats = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+  t_feats = jnp.asarray(rng.normal(size=(16, 10)), jnp.float32)
+  params, state = term.init(jax.random.PRNGKey(0), {"features": feats[:1],
+                                                   "teacher_features": t_feats[:1]})
+  labels = jnp.asarray(rng.integers(0, 3, size=16), jnp.int32)
+  index = jnp.asarray(rng.permutation(40)[:16], jnp.int32)
+
+  def run(n, state):
+    mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    def per_device(params, state, f, tf, labels, index):
+      def loss(p):
+        value, new, _ = term.loss(p, state, {"index": index},
+                                  aux={"features": f, "teacher_features": tf, "labels": labels},
+                                  axis_name="data")
+        return value, new
+      (value, new), grads = jax.value_and_grad(loss, has_aux=True)(params)
+      return value, new, jax.lax.pmean(grads, "data")
+    fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(),) * 2 + (P("data"),) * 4,
+                       out_specs=P())
+    return jax.device_get(jax.jit(fn)(params, state, feats, t_feats, labels, index))
+
+  one = run(1, state)
+  second = run(1, one[1])  # Z now fixed; the banks moved.
+  eight = run(8, state)
+  np.testing.assert_allclose(eight[0], one[0], rtol=1e-5)
+  for a, b in ((eight[1], one[1]), (eight[2], one[2])):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
+  # numpy, with the term's own draws, embeddings and the Z of the first step.
+  head = crd_lib._Embed(8)  # pylint: disable=protected-access
+  s = np.asarray(head.apply({"params": params["student"]}, feats))
+  t = np.asarray(head.apply({"params": params["teacher"]}, t_feats))
+  for step, (st, out) in enumerate(((state, one), (one[1], second))):
+    negs = np.asarray(memory.draw_negatives(jax.random.fold_in(st["key"], step),
+                                            jnp.arange(16), index, num_data=40, num=12))
+    keep = np.asarray(st["labels"])[negs] != np.asarray(labels)[:, None]
+    first = step == 0
+    lt, zt = numpy_nce_side(t, np.asarray(st["bank_s"]), np.asarray(index), negs, 0.1, 40,
+                            None if first else st["log_z_t"], keep)
+    ls, zs = numpy_nce_side(s, np.asarray(st["bank_t"]), np.asarray(index), negs, 0.1, 40,
+                            None if first else st["log_z_s"], keep)
+    np.testing.assert_allclose(out[0], lt + ls, rtol=1e-5)
+    np.testing.assert_allclose([out[1]["log_z_t"], out[1]["log_z_s"]], [zt, zs], rtol=1e-5)
+  assert one[1]["log_z_t"] != 0.0 and second[1]["log_z_t"] == one[1]["log_z_t"]

@@ -5,7 +5,9 @@ static :class:`~cmim_jax.train.Task`) with
 
 * ``needs``: what the step must compute for it besides the logits
   (``'binary_acts'``: the sown activations of the binary layers;
-  ``'teacher_logits'``: a frozen teacher's logits on the same images);
+  ``'features'``: the student's penultimate features, the input of its
+  classifier ``fc``; ``'teacher_logits'``, ``'teacher_features'``: the same
+  from a frozen teacher on the same images);
 * ``init(key, example) -> (params, state)``: its trainable parameters
   (projection heads) and its non-trainable state (memory banks), from an
   ``example`` aux dict of batch size 1;
@@ -29,7 +31,7 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple
 
 import jax
 
-AUX_NEEDS = ("binary_acts", "teacher_logits")
+AUX_NEEDS = ("binary_acts", "features", "teacher_logits", "teacher_features")
 
 
 class Objective:
@@ -162,7 +164,10 @@ def from_config(context: BuildContext) -> tuple[Term, ...]:
     if weight == 0.0:
       continue  # Off exactly: no params, no state, no compute.
     objective = _FACTORIES[name](context)
-    if "teacher_logits" in objective.needs and not context.has_teacher:
+    if not set(objective.needs) <= set(AUX_NEEDS):
+      raise ValueError(f"objective {name!r} needs {objective.needs}; the step provides "
+                       f"{AUX_NEEDS}.")
+    if {"teacher_logits", "teacher_features"} & set(objective.needs) and not context.has_teacher:
       raise ValueError(f"objective {name!r} distils from a teacher, but config.teacher is empty; "
                        "set --config.teacher=WORKDIR_OF_A_TRAINED_RUN.")
     terms.append(Term(name, weight, objective))
