@@ -26,6 +26,7 @@ from cmim_jax import teachers
 from cmim_jax import train
 from cmim_jax.objectives.kd import kd_loss
 from configs import cifar100_kd
+from configs import cifar100_official
 from configs import cifar100_teacher
 
 
@@ -201,17 +202,19 @@ def _check_init_from(config, teacher_dir):
 
 
 def test_smoke_chain_teacher_then_student(tmp_path):
-  """configs/cifar100_teacher.py:smoke -> cifar100_kd.py:smoke (on digits), with init_from."""
+  """configs/cifar100_teacher.py:smoke -> cifar100_official.py:smoke (on digits)."""
   teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
   teacher = _on_digits(cifar100_teacher.get_config("smoke"))
   assert teacher.model.name == "resnet20_fp" and teacher.objectives == "ce"
   train.train_and_evaluate(teacher, teacher_dir)
 
-  student = _on_digits(cifar100_kd.get_config("smoke"))
+  # The released-code recipe, plus KD and a user's term.
+  student = _on_digits(cifar100_official.get_config("smoke"))
+  assert student.objectives == "ce,crd"
   _check_init_from(student, teacher_dir)
   student.teacher = teacher_dir
   student.init_from = teacher_dir  # Step 2 of a two-step recipe: the FP weights as a start.
-  student.objectives = "ce,kd,probe,crd"  # crd: CMIM's released-code form.
+  student.objectives = "ce,crd,kd,probe"
   student.crd.num_negatives, student.crd.embed_dim = 64, 8
   train.train_and_evaluate(student, student_dir)
 
