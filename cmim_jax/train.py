@@ -9,7 +9,8 @@ use its collectives: gradients, metrics and BatchNorm statistics are
 ``pmean``-ed, BatchNorm normalises with global-batch statistics
 (``bn_axis_name``) and the objective terms (:mod:`cmim_jax.objectives`) reduce
 over it as they need (the CMIM InfoNCE gathers its negatives from every
-device). The step sums the terms of ``task.objectives`` and never names one. :func:`make_steps` wraps both for a :class:`~cmim_jax.parallel.Parallel`
+device). The step sums the terms of ``task.objectives`` and never names one.
+:func:`make_steps` wraps both for a :class:`~cmim_jax.parallel.Parallel`
 (``jax.shard_map`` + ``jit`` by default, or ``jax.pmap``)::
 
   task = build_task(config, info, total_steps=..., steps_per_epoch=...)
@@ -186,9 +187,11 @@ def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
                                    data_name=config.data.name)
   terms = objectives_lib.from_config(objectives_lib.BuildContext(
       config=config, model=model, info=info, has_teacher=teacher is not None))
-  if teacher is not None and not any("teacher_logits" in t.objective.needs for t in terms):
+  uses_teacher = {"teacher_logits", "teacher_features"} & set().union(
+      *(t.objective.needs for t in terms))
+  if teacher is not None and not uses_teacher:
     logging.warning("config.teacher=%r is set but no term of config.objectives=%r uses it; "
-                    "add 'kd' to use it.", config.teacher, config.objectives)
+                    "add 'kd' or 'crd' to use it.", config.teacher, config.objectives)
   lr = optim.learning_rate_schedule(
       base_lr=config.learning_rate, total_steps=total_steps,
       warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
@@ -271,7 +274,7 @@ def init_state(task: Task, rng: jax.Array, teacher: Any = None) -> TrainState:
              "teacher_logits": jnp.zeros_like(logits)}
   if task.teacher is not None and teacher:
     example["teacher_logits"], example["teacher_features"] = _apply(
-        task.teacher, teacher, x, features=True, train=False)
+        task.teacher, teacher, x, features="teacher_features" in task.needs, train=False)
   params, term_states = {"model": variables["params"], "objectives": {}}, {}
   for term in task.objectives:
     key = objectives_lib.term_key(terms_rng, term.name)
