@@ -79,7 +79,8 @@ class CMIM(Objective):
   def _memory_loss(self, embeddings, state, batch, labels, axis_name):
     if "index" not in batch:
       raise ValueError("cmim.negatives='memory' needs each example's dataset index "
-                       "(batch['index']), which the training iterators yield.")
+                       "(batch['index']), which the in-memory training iterators yield; "
+                       "data.pipeline='stream' does not carry it yet.")
     index = batch["index"]
     b = index.shape[0]
     offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b

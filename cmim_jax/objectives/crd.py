@@ -105,7 +105,8 @@ class CRD(Objective):
   def loss(self, params, state, batch, *, aux, axis_name):
     if "index" not in batch:
       raise ValueError("the 'crd' objective needs each example's dataset index "
-                       "(batch['index']), which the training iterators yield.")
+                       "(batch['index']), which the in-memory training iterators yield; "
+                       "data.pipeline='stream' does not carry it yet.")
     head = _Embed(self.embed_dim)
     s = head.apply({"params": params["student"]}, aux["features"])
     t = head.apply({"params": params["teacher"]},
