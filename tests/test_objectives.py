@@ -483,3 +483,43 @@ def test_crd_term_on_eight_devices_equals_one_device_and_numpy():
     np.testing.assert_allclose(out[0], lt + ls, rtol=1e-5)
     np.testing.assert_allclose([out[1]["log_z_t"], out[1]["log_z_s"]], [zt, zs], rtol=1e-5)
   assert one[1]["log_z_t"] != 0.0 and second[1]["log_z_t"] == one[1]["log_z_t"]
+
+
+@pytest.mark.slow  # Two compiles of a full step with a teacher (~40 s on 2 loaded cores).
+def test_train_step_with_teacher_on_eight_devices_equals_one_device():
+  """kd + crd through the real step: pmap on 8 devices against shard_map on 1."""
+  from cmim_jax import input_pipeline, models  # pylint: disable=g-import-not-at-top
+  from cmim_jax.parallel import Parallel  # pylint: disable=g-import-not-at-top
+  config = _on_digits(cifar100_official.get_config("smoke"))
+  config.objectives, config.teacher = "ce", ""
+  config.crd.num_negatives, config.crd.embed_dim = 32, 8
+  train_ds, _, info = input_pipeline.get_datasets(config.data, global_batch_size=16, seed=0)
+  task = train.build_task(config, info, total_steps=4, steps_per_epoch=train_ds.steps_per_epoch)
+  config.objectives = "ce,kd,crd"
+  teacher = models.get_model("resnet20_fp", num_classes=info.num_classes, stage_sizes=(1, 1, 1))
+  terms = objectives.from_config(objectives.BuildContext(
+      config=config, model=task.model, info=info, has_teacher=True))
+  task = dataclasses.replace(task, teacher=teacher, objectives=terms)
+  x = jnp.zeros((1,) + info.image_shape)
+  teacher_vars = jax.jit(lambda k: teacher.init(k, x, train=False))(jax.random.PRNGKey(7))
+  batches = [train_ds.get_batch(s) for s in range(2)]
+
+  def run(par):
+    state = jax.jit(lambda k, t: train.init_state(task, k, t), out_shardings=par.replicated)(
+        jax.random.PRNGKey(0), teacher_vars)
+    state, steps, out = par.to_step_layout(state), train.make_steps(task, par), []
+    for batch in batches:
+      state, m = steps.train(state, par.batch_input(batch))
+      out.append(jax.device_get(par.output(m)))
+    return jax.device_get(par.from_step_layout(state)), out
+
+  (one, m1), (eight, m8) = run(Parallel("shard_map", num_devices=1)), run(Parallel("pmap"))
+  for a, b in zip(m8, m1):
+    for k in ("loss", "kd_loss", "crd_loss/student", "crd_loss/teacher"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+  close = lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+  jax.tree.map(close, eight.params, one.params)
+  jax.tree.map(close, eight.objectives, one.objectives)
+  # The teacher did not move; the crd heads did (they are trained here).
+  jax.tree.map(np.testing.assert_array_equal, one.teacher, jax.device_get(teacher_vars))
+  assert m1[0]["kd_loss"] > 0 and int(one.objectives["crd"]["count"]) == 2
