@@ -69,19 +69,21 @@ def build_model(run_config, *, num_classes: int, data_name: str, key: str = "tea
 
 
 def restore_variables(path: str) -> tuple[dict, int]:
-  """``({'params', 'batch_stats'}, step)`` of the model in the latest checkpoint of ``path``."""
-  import orbax.checkpoint as ocp
-  directory = os.path.join(path, "checkpoints")
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {directory}.")
-    # No target: the saved tree comes back as saved, no optimizer to rebuild.
-    state = manager.restore(step, args=ocp.args.StandardRestore())
+  """``({'params', 'batch_stats'}, step)`` of the model in the latest intact checkpoint.
+
+  Reads only those parts (not the earlier run's optimizer state), local or
+  ``gs://``, through :class:`~cmim_jax.checkpointing.Checkpointer`.
+  """
+  from cmim_jax import checkpointing
+  ckpt = checkpointing.Checkpointer(path, read_only=True)
+  try:
+    state, step = ckpt.restore_parts(("params", "batch_stats"))
+  finally:
+    ckpt.close()
   try:
     params = state["params"]["model"]
   except (KeyError, TypeError):
-    raise ValueError(f"checkpoint {directory}/{step} has no params/model; not a cmim_jax "
+    raise ValueError(f"checkpoint {ckpt.directory}/{step} has no params/model; not a cmim_jax "
                      "training checkpoint.") from None
   variables = {"params": params, "batch_stats": state.get("batch_stats") or {}}
   return jax.tree.map(np.asarray, variables), int(step)
