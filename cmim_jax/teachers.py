@@ -68,16 +68,26 @@ def build_model(run_config, *, num_classes: int, data_name: str, key: str = "tea
   return models.from_config(run_config.model, num_classes=num_classes, bn_axis_name=None)
 
 
-def restore_variables(path: str) -> tuple[dict, int]:
-  """``({'params', 'batch_stats'}, step)`` of the model in the latest intact checkpoint.
+def restore_variables(path: str, step: int | None = None) -> tuple[dict, int]:
+  """``({'params', 'batch_stats'}, step)`` of the model in a checkpoint of a run.
 
   Reads only those parts (not the earlier run's optimizer state), local or
-  ``gs://``, through :class:`~cmim_jax.checkpointing.Checkpointer`.
+  ``gs://``, through :class:`~cmim_jax.checkpointing.Checkpointer`, read-only:
+  a damaged newest step is skipped with a warning and left in place.
+
+  Args:
+    path: the run directory.
+    step: the checkpoint step (default: the newest intact one).
+
+  Raises:
+    FileNotFoundError: no checkpoint in the workdir.
+    checkpointing.CheckpointError: ``step`` does not restore, or no step does.
+    ValueError: not a cmim_jax training checkpoint.
   """
   from cmim_jax import checkpointing
   ckpt = checkpointing.Checkpointer(path, read_only=True)
   try:
-    state, step = ckpt.restore_parts(("params", "batch_stats"))
+    state, step = ckpt.restore_parts(("params", "batch_stats"), step)
   finally:
     ckpt.close()
   try:

@@ -170,33 +170,11 @@ def data_facts(config, image_shape: Sequence[int] | None = None
 def restore_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
   """``({'params', 'batch_stats'}, step)`` of a checkpoint, without the optimizer state.
 
-  Reads through :class:`cmim_jax.checkpointing.Checkpointer` as training
-  does, so a remote (``gs://``) workdir works and a damaged newest step
-  falls back to the newest intact one with a warning, read-only: the run's
-  directory is left as it is (it may still be training).
-
-  Args:
-    workdir: the run directory (local or remote).
-    step: the checkpoint step (default: the newest intact one).
-
-  Raises:
-    FileNotFoundError: no checkpoint in the workdir.
-    checkpointing.CheckpointError: ``step`` does not restore, or no step does.
-    ValueError: not a cmim_jax training checkpoint.
+  The same read as a teacher's (:func:`cmim_jax.teachers.restore_variables`):
+  through the run's Checkpointer, read-only, ``gs://`` included.
   """
-  from cmim_jax import checkpointing
-  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
-  try:
-    state, step = ckpt.restore_parts(("params", "batch_stats"), step)
-  finally:
-    ckpt.close()
-  try:
-    params = state["params"]["model"]
-  except (KeyError, TypeError):
-    raise ValueError(f"checkpoint {ckpt.directory}/{step} has no params/model; not a cmim_jax "
-                     "training checkpoint.") from None
-  variables = {"params": params, "batch_stats": state.get("batch_stats", {}) or {}}
-  return jax.tree.map(np.asarray, variables), int(step)
+  from cmim_jax import teachers
+  return teachers.restore_variables(workdir, step)
 
 
 def export_workdir(workdir: str, out: str, *, config=None, step: int | None = None,
