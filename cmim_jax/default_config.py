@@ -195,6 +195,23 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.lr_schedule = "cosine"  # cosine | linear | constant, after warm-up.
   config.warmup_epochs = 0.0  # Linear warm-up from 0.
 
+  # Linear-probe evaluation (--mode linear_probe, cmim_jax/linear_probe.py): a
+  # linear classifier trained on the frozen backbone's penultimate features
+  # (the input of its `fc`, eval-mode BatchNorm), top-1 on data.eval_split.
+  # Defaults: S2-BNN's linear evaluation (MoCo's main_lincls.py), SGD with
+  # momentum, rate x0.1 from each milestone epoch, no weight decay.
+  config.linear_probe = ml_collections.ConfigDict()
+  config.linear_probe.epochs = 100
+  config.linear_probe.learning_rate = 0.1
+  config.linear_probe.momentum = 0.9
+  config.linear_probe.weight_decay = 0.0
+  config.linear_probe.batch_size = 256  # Global, over all devices and hosts.
+  config.linear_probe.milestones = (60, 80)  # Epochs; increasing.
+  # True: the dataset's training augmentation (data.augment; ImageNet: random
+  # resized crop + flip, as MoCo; CIFAR: pad-crop-flip), the backbone run on
+  # every batch. False: none, and the features are computed once.
+  config.linear_probe.augment = True
+
   config.log_every_steps = 100  # Train metrics to metrics.jsonl, TensorBoard and the log.
   config.eval_every_steps = 1000  # Also evaluated at the end.
   config.checkpoint_every_steps = 1000  # Also saved at the end.

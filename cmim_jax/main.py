@@ -4,6 +4,7 @@ r"""Command line: train or evaluate a BNN from an ml_collections config file.
   python -m cmim_jax.main --config configs/cifar10.py:smoke --workdir /tmp/smoke
   python -m cmim_jax.main --config configs/cifar10.py --workdir runs/c10 --mode eval \
       --config.data.eval_split='train[45000:]'
+  python -m cmim_jax.main --config configs/cifar10.py --workdir runs/c10 --mode linear_probe
 
 Multi-host: pass ``--coordinator_address host:port --num_processes N
 --process_id i`` to every process (``launch/local.py`` does this on
@@ -30,8 +31,10 @@ from cmim_jax import xla_tuning
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration file (path[:argument]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train: train (resuming from workdir); eval: evaluate the latest checkpoint.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "linear_probe"],
+                          "train: train (resuming from workdir); eval: evaluate the latest "
+                          "checkpoint; linear_probe: train a linear classifier on its frozen "
+                          "features (config.linear_probe, resuming) and report held-out top-1.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for multi-host runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -76,6 +79,9 @@ def main(argv):
                  jax.device_count(), jax.default_backend())
     if _MODE.value == "train":
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "linear_probe":
+      from cmim_jax import linear_probe  # pylint: disable=g-import-not-at-top
+      linear_probe.run(_CONFIG.value, _WORKDIR.value)
     else:
       train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
   except (ValueError, OSError, ImportError, FloatingPointError, RuntimeError) as e:

@@ -61,11 +61,32 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.cmim.temperature > 0, "cmim.temperature", config.cmim.temperature, "must be > 0")
   check(config.cmim.embed_dim > 0, "cmim.embed_dim", config.cmim.embed_dim, "must be > 0")
   check(config.kd.temperature > 0, "kd.temperature", config.kd.temperature, "must be > 0")
+  _check_linear_probe(config.linear_probe, check)
   models.import_modules(config.imports)  # May register objectives.
   objectives_lib.resolve_weights(config)  # Names and weights.
   for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
     check(config[key] > 0, key, config[key], "must be > 0")
   Parallel(config.parallel)  # validates the mode
+
+
+def _check_linear_probe(section, check) -> None:
+  """The ``linear_probe`` section (read by ``--mode linear_probe``)."""
+  def whole(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+  key = "linear_probe."
+  check(whole(section.epochs) and section.epochs > 0, key + "epochs", section.epochs,
+        "must be a whole number of epochs > 0")
+  check(section.learning_rate > 0, key + "learning_rate", section.learning_rate, "must be > 0")
+  check(0 <= section.momentum < 1, key + "momentum", section.momentum, "must be in [0, 1)")
+  check(section.weight_decay >= 0, key + "weight_decay", section.weight_decay, "must be >= 0")
+  check(whole(section.batch_size) and section.batch_size > 0, key + "batch_size",
+        section.batch_size, "must be a whole number > 0")
+  m = section.milestones
+  check(isinstance(m, (tuple, list)) and all(whole(e) and e > 0 for e in m)
+        and list(m) == sorted(set(m)), key + "milestones", m,
+        "must be increasing whole epochs > 0, e.g. (60, 80), or () for a constant rate")
+  check(isinstance(section.augment, bool), key + "augment", section.augment,
+        "must be True or False")
 
 
 def _to_tuples(tree: Any) -> Any:

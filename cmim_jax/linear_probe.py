@@ -1,0 +1,395 @@
+r"""Linear-probe evaluation: a linear classifier on a frozen backbone's features.
+
+``python -m cmim_jax.main --config CFG --workdir W --mode linear_probe``
+takes the model of the run in ``W`` (its ``config.json`` and latest
+checkpoint), freezes it in eval mode (running BatchNorm statistics) and
+trains ``logits = f(x) W + b`` on its penultimate features ``f(x)`` (the
+input of the model's ``fc``) with softmax cross entropy, then reports the
+held-out top-1 as ``{"split": "linear_probe", "top1", ...}`` in
+``W/metrics.jsonl`` at the backbone's step.
+
+The recipe (``config.linear_probe``) defaults to S2-BNN's linear evaluation,
+which is MoCo's ``main_lincls.py``: SGD with momentum 0.9, learning rate 0.1
+(the command line of S2-BNN's README), batch 256, 100 epochs, learning rate
+x0.1 from epochs 60 and 80, no weight decay, ``W ~ N(0, 0.01^2)``, ``b = 0``,
+backbone in eval mode, the training split augmented and the held-out split
+not. The augmentation is the dataset's own training augmentation in this
+library (``data.augment``): for ImageNet that is MoCo's ``RandomResizedCrop``
+(area 0.08-1) + flip; for CIFAR the pad-crop-flip. Nothing is normalised
+beyond the dataset's mean/std. Where the training images are not augmented
+(``linear_probe.augment=False``, or a dataset whose augmentation is 'none')
+the frozen backbone's features are computed once and the probe trains on
+them; otherwise each step runs the backbone on its augmented batch.
+
+The steps are per-device functions against the ``'data'`` axis, wrapped by
+:class:`~cmim_jax.parallel.Parallel` like the trainer's. The probe is
+resumable: its state is checkpointed (orbax, atomic) in ``W/linear_probe/``
+at every epoch end, at its end and on SIGTERM; the data order and the
+augmentation are functions of the step, so a resumed probe continues exactly
+as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from cmim_jax import checkpointing
+from cmim_jax import input_pipeline
+from cmim_jax import losses
+from cmim_jax import metric_writers
+from cmim_jax import models
+from cmim_jax import preemption
+from cmim_jax import teachers
+from cmim_jax import train
+from cmim_jax import variables as variables_lib
+from cmim_jax.parallel import AXIS, Parallel, first_copy_to_host
+from cmim_jax.run_config import load_run_config, validate_config
+
+SUBDIR = "linear_probe"  # W/linear_probe/{checkpoints, metrics.jsonl}.
+SPLIT = "linear_probe"  # The split name of the result in W/metrics.jsonl.
+
+
+@flax.struct.dataclass
+class ProbeState:
+  """The probe's train state; ``backbone_step`` names the checkpoint it probes."""
+  step: jax.Array
+  params: Any  # {'kernel': f32[D, C], 'bias': f32[C]}
+  opt_state: Any
+  rng: jax.Array
+  backbone_step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeTask:
+  """The static parts of the probe's steps.
+
+  Attributes:
+    backbone: the frozen model (no cross-device BatchNorm; applied in eval mode).
+    tx: the probe's optimizer.
+    learning_rate: its schedule, step -> learning rate (logged).
+    info: the dataset's ``DatasetInfo`` (normalisation, device augmentation).
+    augment: the resolved training augmentation, 'device', 'host' or 'none'.
+    axis_name: the device axis the steps reduce over.
+  """
+  backbone: nn.Module | None
+  tx: optax.GradientTransformation
+  learning_rate: optax.Schedule
+  info: Any
+  augment: str = "none"
+  axis_name: str = AXIS
+
+
+def make_optimizer(section: ml_collections.ConfigDict, steps_per_epoch: int):
+  """``(tx, schedule)``: SGD with momentum, the rate x0.1 from each milestone epoch.
+
+  ``torch.optim.SGD``'s update: ``v = momentum * v + g + wd * p``,
+  ``p -= lr * v`` (the weight decay enters the gradient before the momentum).
+  """
+  schedule = optax.piecewise_constant_schedule(
+      float(section.learning_rate),
+      {int(m) * int(steps_per_epoch): 0.1 for m in section.milestones})
+  sgd = optax.sgd(schedule, momentum=float(section.momentum) or None)
+  if section.weight_decay:
+    return optax.chain(optax.add_decayed_weights(float(section.weight_decay)), sgd), schedule
+  return sgd, schedule
+
+
+def init_state(task: ProbeTask, rng: jax.Array, *, feature_dim: int, num_classes: int,
+               backbone_step: int = 0) -> ProbeState:
+  """The probe at step 0: ``W ~ N(0, 0.01^2)``, ``b = 0`` (MoCo's lincls)."""
+  init_rng, step_rng = jax.random.split(rng)
+  params = {"kernel": 0.01 * jax.random.normal(init_rng, (feature_dim, num_classes), jnp.float32),
+            "bias": jnp.zeros((num_classes,), jnp.float32)}
+  return ProbeState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=task.tx.init(params), rng=step_rng,
+                    backbone_step=jnp.asarray(backbone_step, jnp.int32))
+
+
+# --------------------------------------------------------------------------
+# Per-device steps
+# --------------------------------------------------------------------------
+
+def _logits(params, features):
+  # The head is tiny next to the backbone: full float32 precision costs nothing.
+  return jnp.dot(features, params["kernel"], precision=jax.lax.Precision.HIGHEST) + params["bias"]
+
+
+def backbone_features(task: ProbeTask, backbone: Mapping, images: jax.Array) -> jax.Array:
+  """f32[B, D]: the input of the frozen backbone's ``fc``, eval mode, no gradient."""
+  _, features = train._apply(task.backbone, backbone, images,  # pylint: disable=protected-access
+                             features=True, train=False)
+  return jax.lax.stop_gradient(features.astype(jnp.float32))
+
+
+def _update(task: ProbeTask, state: ProbeState, features, labels):
+  def loss_fn(params):
+    logits = _logits(params, features)
+    return losses.cross_entropy(logits, labels), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # Every device holds an equal share: the mean of the means is the global mean.
+  grads = jax.lax.pmean(grads, task.axis_name)
+  updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
+  accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+  metrics = jax.lax.pmean({"loss": loss, "accuracy": accuracy}, task.axis_name)
+  metrics["learning_rate"] = task.learning_rate(state.step)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       opt_state=opt_state), metrics
+
+
+def train_step_features(state: ProbeState, batch: Mapping[str, jax.Array], *, task: ProbeTask):
+  """One SGD step on this device's rows of precomputed ``{'feature', 'label'}``."""
+  return _update(task, state, batch["feature"], batch["label"])
+
+
+def train_step_images(state: ProbeState, backbone: Mapping, batch: Mapping[str, jax.Array], *,
+                      task: ProbeTask):
+  """One SGD step on this device's ``{'image': uint8, 'label'}``, augmented as the data says.
+
+  Example ``j`` of the global batch draws its device augmentation from
+  ``fold_in(fold_in(state.rng, step), j)``: the same on any number of devices
+  and after a resume.
+  """
+  offset = jax.lax.axis_index(task.axis_name) * batch["label"].shape[0]
+  rng = jax.random.fold_in(state.rng, state.step)
+  images = input_pipeline.preprocess_on_device(
+      rng, batch["image"], info=task.info, train=True, augment=task.augment, index_offset=offset)
+  return _update(task, state, backbone_features(task, backbone, images), batch["label"])
+
+
+def features_step(backbone: Mapping, batch: Mapping[str, jax.Array], *, task: ProbeTask):
+  """The global batch's ``{'feature', 'label', 'mask'}`` (not augmented), on every device."""
+  images = input_pipeline.preprocess_on_device(None, batch["image"], info=task.info,
+                                               train=False, augment="none")
+  out = {"feature": backbone_features(task, backbone, images), "label": batch["label"],
+         "mask": batch["mask"]}
+  return jax.lax.all_gather(out, task.axis_name, tiled=True)
+
+
+def eval_step(state: ProbeState, batch: Mapping[str, jax.Array], *, task: ProbeTask):
+  """``{'loss_sum', 'correct', 'count'}`` over the real (``mask == 1``) rows of the global batch."""
+  logits = _logits(state.params, batch["feature"])
+  mask = batch["mask"].astype(jnp.float32)
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  sums = {"loss_sum": jnp.sum(per_example * mask), "correct": jnp.sum(correct * mask),
+          "count": jnp.sum(mask)}
+  return jax.lax.psum(sums, task.axis_name)
+
+
+# --------------------------------------------------------------------------
+# Host side: features, batches, evaluation
+# --------------------------------------------------------------------------
+
+def extract_features(fn, par: Parallel, backbone_dev, data) -> tuple[np.ndarray, np.ndarray]:
+  """``(f32[N, D], i32[N])`` of every example of an ``EvalData`` split, in order."""
+  feats, labels = [], []
+  for batch in data.iterator():
+    out = first_copy_to_host(par.output(fn(backbone_dev, par.batch_input(batch))))
+    keep = out["mask"] > 0  # The padding of the last batch.
+    feats.append(out["feature"][keep])
+    labels.append(out["label"][keep])
+  return np.concatenate(feats), np.concatenate(labels).astype(np.int32)
+
+
+def padded_batches(features: np.ndarray, labels: np.ndarray, global_batch: int):
+  """This process's share of consecutive global batches, the last padded with ``mask == 0``."""
+  count, index = jax.process_count(), jax.process_index()
+  local = global_batch // count
+  for start in range(0, len(labels), global_batch):
+    rows = start + index * local + np.arange(local)
+    valid = rows < len(labels)
+    rows = np.where(valid, rows, 0)
+    yield {"feature": features[rows], "label": labels[rows], "mask": valid.astype(np.float32)}
+
+
+def evaluate(fn, par: Parallel, state_dev, features, labels, global_batch: int) -> dict:
+  """Top-1 and mean cross entropy of the probe on precomputed features."""
+  totals = None
+  for batch in padded_batches(features, labels, global_batch):
+    out = par.output(fn(state_dev, par.batch_input(batch)))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = first_copy_to_host(totals)
+  count = float(totals["count"])
+  return {"top1": float(totals["correct"]) / count, "loss": float(totals["loss_sum"]) / count,
+          "num_examples": int(count)}
+
+
+def _read_run(config, workdir: str):
+  """``(run_config, variables, step)`` of the run in ``workdir``: its config.json and weights."""
+  run_config = load_run_config(workdir)
+  if run_config.data.name != config.data.name:
+    raise ValueError(f"--workdir {workdir} was trained on {run_config.data.name!r} but the probe's "
+                     f"config.data.name is {config.data.name!r}; probe on the data it was trained "
+                     "on (its classes and input normalisation).")
+  variables, step = teachers.restore_variables(workdir)
+  return run_config, variables, step
+
+
+def _build_backbone(run_config, variables, info, workdir: str) -> nn.Module:
+  """The run's model, its checkpoint checked against the model config.json describes."""
+  models.import_modules(run_config.imports)
+  model = models.from_config(run_config.model, num_classes=info.num_classes, bn_axis_name=None)
+  x = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
+  expected = jax.eval_shape(lambda: variables_lib.init_variables(model, jax.random.PRNGKey(0), x))
+  teachers.check_shapes(variables["params"], expected["params"], what=f"--workdir {workdir}")
+  return model
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        cache_train_features: bool | None = None) -> dict:
+  """Trains the linear probe of the run in ``workdir`` (resuming) and evaluates it.
+
+  Args:
+    config: the probe's config: ``linear_probe``, ``data`` (the training and
+      held-out splits), ``parallel``, ``seed``, ``eval_batch_size``.
+    workdir: a training workdir of this library (config.json + checkpoints).
+    cache_train_features: None (default) computes the training features once
+      when the training images are not augmented; False recomputes them every
+      step (for tests: both give the same probe).
+
+  Returns:
+    ``{'top1', 'loss', 'num_examples', ...}`` on ``data.eval_split``; ``{}``
+    when preempted.
+  """
+  validate_config(config)
+  with train.workdir_lock(workdir):
+    return _run(config, workdir, cache_train_features)
+
+
+def _run(config, workdir: str, cache_train_features: bool | None) -> dict:
+  section = config.linear_probe
+  par = Parallel(config.parallel)
+  eval_batch = config.eval_batch_size or section.batch_size
+  par.check_batch_size(section.batch_size, "linear_probe.batch_size")
+  par.check_batch_size(eval_batch, "eval_batch_size")
+  if not config.data.eval_split:
+    raise ValueError("config.data.eval_split is empty; the probe reports top-1 on a held-out "
+                     "split: name it, e.g. --config.data.eval_split=test.")
+  # Before any data is read: fails at once on a workdir without a run or a checkpoint.
+  run_config, variables, backbone_step = _read_run(config, workdir)
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  if not section.augment:
+    data.augment = "none"
+  get = functools.partial(input_pipeline.get_datasets, global_batch_size=section.batch_size,
+                          eval_batch_size=eval_batch, seed=config.seed)
+  train_ds, eval_ds, info = get(data)
+  cache = info.augment == "none" if cache_train_features is None else cache_train_features
+  if cache and info.augment != "none":
+    raise ValueError(f"training features cannot be cached with augment={info.augment!r}.")
+  if section.augment and info.augment == "none":
+    logging.info("linear_probe.augment=True but data.augment resolves to 'none' for %s: "
+                 "the training features are computed once.", info.name)
+  backbone = _build_backbone(run_config, variables, info, workdir)
+
+  steps_per_epoch = train_ds.steps_per_epoch
+  total = int(section.epochs) * steps_per_epoch
+  tx, schedule = make_optimizer(section, steps_per_epoch)
+  task = ProbeTask(backbone=backbone, tx=tx, learning_rate=schedule, info=info,
+                   augment=info.augment)
+  backbone_dev = par.to_step_layout(par.replicate_global(variables))
+  extract = par.map(functools.partial(features_step, task=task), n_replicated=1, n_batch=1)
+  t_start = time.time()
+  eval_x, eval_y = extract_features(extract, par, backbone_dev, eval_ds)
+  train_x = train_y = None
+  if cache:
+    _, train_in_order, _ = get(ml_collections.ConfigDict({**data.to_dict(),
+                                                         "eval_split": data.train_split}))
+    train_x, train_y = extract_features(extract, par, backbone_dev, train_in_order)
+  logging.info("Linear probe of %s (step %d of %s): %d-d features; %d training examples (%s), "
+               "%d held out (%s); features %s in %.1f s.", run_config.model.name, backbone_step,
+               workdir, eval_x.shape[1], train_ds.num_examples, data.train_split, len(eval_y),
+               data.eval_split, "of both splits computed once" if cache else
+               "of the held-out split computed once, training ones every step",
+               time.time() - t_start)
+
+  initial = init_state(task, jax.random.PRNGKey(config.seed), feature_dim=eval_x.shape[1],
+                       num_classes=info.num_classes, backbone_step=backbone_step)
+  initial = par.replicate_global(jax.device_get(initial))
+  probe_dir = os.path.join(str(workdir), SUBDIR)
+  ckpt = checkpointing.Checkpointer(probe_dir, keep=config.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(initial)
+    saved_for = int(first_copy_to_host(state.backbone_step))
+    if saved_for != backbone_step:
+      ckpt.close()
+      raise ValueError(f"the probe in {ckpt.directory} was trained on the backbone's step "
+                       f"{saved_for}, but the latest backbone checkpoint is step {backbone_step}; "
+                       f"move {probe_dir} away to probe the new one.")
+    logging.info("Resumed the probe at step %d from %s.", int(state.step), ckpt.directory)
+  else:
+    state = initial
+  start = int(first_copy_to_host(state.step))
+  logging.info("Probe: SGD lr %g momentum %g wd %g, x0.1 from epochs %s; batch %d, %d epochs "
+               "(%d steps) on %d device(s); augmentation %r.", section.learning_rate,
+               section.momentum, section.weight_decay, tuple(section.milestones),
+               section.batch_size, section.epochs, total, par.device_count, info.augment)
+  if cache:
+    step_fn = par.map(functools.partial(train_step_features, task=task), n_replicated=1,
+                      n_batch=1, donate_state=True)
+    batches = ({"feature": train_x[rows], "label": train_y[rows]}
+               for rows in map(train_ds.indices, range(start, total)))
+  else:
+    images_fn = par.map(functools.partial(train_step_images, task=task), n_replicated=2,
+                        n_batch=1, donate_state=True)
+    step_fn = lambda s, b: images_fn(s, backbone_dev, b)  # noqa: E731
+    batches = ({"image": b["image"], "label": b["label"]}
+               for b in train_ds.iterator(start_step=start))
+  state_dev = par.to_step_layout(state)
+  writer = metric_writers.MetricWriter(probe_dir, tensorboard=False)
+  log_every = min(config.log_every_steps, steps_per_epoch)
+  pending, t_loop = [], time.time()
+  preempt = preemption.PreemptionHandler().install()
+  try:
+    for step in range(start, total):
+      state_dev, metrics = step_fn(state_dev, par.batch_input(next(batches)))
+      done = step + 1
+      pending.append(par.output(metrics))
+      if done % log_every == 0 or done == total:
+        fetched = [first_copy_to_host(m) for m in pending]
+        pending.clear()
+        summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+        if not np.isfinite(summary["loss"]):
+          raise FloatingPointError(f"linear probe loss is {summary['loss']} at step {done}; "
+                                   "lower linear_probe.learning_rate.")
+        summary["epoch"] = done / steps_per_epoch
+        writer.write(done, "train", summary)
+        rate = (done - start) / max(time.time() - t_loop, 1e-9)
+        logging.info("probe step %d/%d (epoch %.2f) loss %.4f acc %.4f lr %.4g | %.0f img/s | "
+                     "ETA %s", done, total, summary["epoch"], summary["loss"],
+                     summary["accuracy"], summary["learning_rate"], rate * section.batch_size,
+                     train._format_eta((total - done) / rate))  # pylint: disable=protected-access
+      preempted = preempt.reached(done)
+      if done % steps_per_epoch == 0 or done == total or preempted:
+        ckpt.save(done, par.from_step_layout(state_dev))
+      if preempted:
+        logging.warning("%s", preempt.exit_line(done, ckpt.directory))
+        return {}
+  finally:
+    preempt.uninstall()
+    ckpt.close()
+    writer.close()
+  evaluate_fn = par.map(functools.partial(eval_step, task=task), n_replicated=1, n_batch=1)
+  result = evaluate(evaluate_fn, par, state_dev, eval_x, eval_y, eval_batch)
+  result.update(eval_split=data.eval_split, train_split=data.train_split,
+                epochs=int(section.epochs), probe_steps=total, augment=info.augment)
+  out = metric_writers.MetricWriter(workdir)
+  out.write(backbone_step, SPLIT, result)
+  out.close()
+  logging.info("Linear probe of step %d: held-out top-1 %.4f, loss %.4f on %s (%d examples).",
+               backbone_step, result["top1"], result["loss"], data.eval_split,
+               result["num_examples"])
+  return result
