@@ -239,14 +239,33 @@ def _read_run(config, workdir: str):
   return run_config, variables, step
 
 
-def _build_backbone(run_config, variables, info, workdir: str) -> nn.Module:
-  """The run's model, its checkpoint checked against the model config.json describes."""
+def _build_backbone(run_config, variables, info, workdir: str) -> tuple[nn.Module, int]:
+  """``(model, feature_dim)`` of the run, its checkpoint checked against config.json's model."""
   models.import_modules(run_config.imports)
   model = models.from_config(run_config.model, num_classes=info.num_classes, bn_axis_name=None)
   x = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
   expected = jax.eval_shape(lambda: variables_lib.init_variables(model, jax.random.PRNGKey(0), x))
   teachers.check_shapes(variables["params"], expected["params"], what=f"--workdir {workdir}")
-  return model
+  task = ProbeTask(backbone=model, tx=optax.identity(), learning_rate=lambda _: 0.0, info=info)
+  features = jax.eval_shape(functools.partial(backbone_features, task), variables, x)
+  if features.ndim != 2:
+    raise ValueError(f"{run_config.model.name}'s fc takes inputs of shape {features.shape}; "
+                     "the probe needs pooled [batch, features] inputs.")
+  return model, int(features.shape[1])
+
+
+def _restore(ckpt, initial: ProbeState, backbone_step: int) -> ProbeState:
+  """The probe's latest checkpoint, refused when it probed another backbone checkpoint."""
+  if ckpt.latest_step() is None:
+    return initial
+  state = ckpt.restore(initial)
+  saved_for = int(first_copy_to_host(state.backbone_step))
+  if saved_for != backbone_step:
+    raise ValueError(f"the probe in {ckpt.directory} was trained on the backbone's step "
+                     f"{saved_for}, but the latest backbone checkpoint is step {backbone_step}; "
+                     f"move {os.path.dirname(str(ckpt.directory))} away to probe the new one.")
+  logging.info("Resumed the probe at step %d from %s.", int(state.step), ckpt.directory)
+  return state
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
@@ -293,95 +312,59 @@ def _run(config, workdir: str, cache_train_features: bool | None) -> dict:
   if section.augment and info.augment == "none":
     logging.info("linear_probe.augment=True but data.augment resolves to 'none' for %s: "
                  "the training features are computed once.", info.name)
-  backbone = _build_backbone(run_config, variables, info, workdir)
-
+  backbone, feature_dim = _build_backbone(run_config, variables, info, workdir)
   steps_per_epoch = train_ds.steps_per_epoch
   total = int(section.epochs) * steps_per_epoch
   tx, schedule = make_optimizer(section, steps_per_epoch)
   task = ProbeTask(backbone=backbone, tx=tx, learning_rate=schedule, info=info,
                    augment=info.augment)
-  backbone_dev = par.to_step_layout(par.replicate_global(variables))
-  extract = par.map(functools.partial(features_step, task=task), n_replicated=1, n_batch=1)
-  t_start = time.time()
-  eval_x, eval_y = extract_features(extract, par, backbone_dev, eval_ds)
-  train_x = train_y = None
-  if cache:
-    _, train_in_order, _ = get(ml_collections.ConfigDict({**data.to_dict(),
-                                                         "eval_split": data.train_split}))
-    train_x, train_y = extract_features(extract, par, backbone_dev, train_in_order)
-  logging.info("Linear probe of %s (step %d of %s): %d-d features; %d training examples (%s), "
-               "%d held out (%s); features %s in %.1f s.", run_config.model.name, backbone_step,
-               workdir, eval_x.shape[1], train_ds.num_examples, data.train_split, len(eval_y),
-               data.eval_split, "of both splits computed once" if cache else
-               "of the held-out split computed once, training ones every step",
-               time.time() - t_start)
-
-  initial = init_state(task, jax.random.PRNGKey(config.seed), feature_dim=eval_x.shape[1],
+  initial = init_state(task, jax.random.PRNGKey(config.seed), feature_dim=feature_dim,
                        num_classes=info.num_classes, backbone_step=backbone_step)
-  initial = par.replicate_global(jax.device_get(initial))
   probe_dir = os.path.join(str(workdir), SUBDIR)
   ckpt = checkpointing.Checkpointer(probe_dir, keep=config.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(initial)
-    saved_for = int(first_copy_to_host(state.backbone_step))
-    if saved_for != backbone_step:
-      ckpt.close()
-      raise ValueError(f"the probe in {ckpt.directory} was trained on the backbone's step "
-                       f"{saved_for}, but the latest backbone checkpoint is step {backbone_step}; "
-                       f"move {probe_dir} away to probe the new one.")
-    logging.info("Resumed the probe at step %d from %s.", int(state.step), ckpt.directory)
-  else:
-    state = initial
-  start = int(first_copy_to_host(state.step))
-  logging.info("Probe: SGD lr %g momentum %g wd %g, x0.1 from epochs %s; batch %d, %d epochs "
-               "(%d steps) on %d device(s); augmentation %r.", section.learning_rate,
-               section.momentum, section.weight_decay, tuple(section.milestones),
-               section.batch_size, section.epochs, total, par.device_count, info.augment)
-  if cache:
-    step_fn = par.map(functools.partial(train_step_features, task=task), n_replicated=1,
-                      n_batch=1, donate_state=True)
-    batches = ({"feature": train_x[rows], "label": train_y[rows]}
-               for rows in map(train_ds.indices, range(start, total)))
-  else:
-    images_fn = par.map(functools.partial(train_step_images, task=task), n_replicated=2,
-                        n_batch=1, donate_state=True)
-    step_fn = lambda s, b: images_fn(s, backbone_dev, b)  # noqa: E731
-    batches = ({"image": b["image"], "label": b["label"]}
-               for b in train_ds.iterator(start_step=start))
-  state_dev = par.to_step_layout(state)
   writer = metric_writers.MetricWriter(probe_dir, tensorboard=False)
-  log_every = min(config.log_every_steps, steps_per_epoch)
-  pending, t_loop = [], time.time()
-  preempt = preemption.PreemptionHandler().install()
+  preempt = preemption.PreemptionHandler()
   try:
-    for step in range(start, total):
-      state_dev, metrics = step_fn(state_dev, par.batch_input(next(batches)))
-      done = step + 1
-      pending.append(par.output(metrics))
-      if done % log_every == 0 or done == total:
-        fetched = [first_copy_to_host(m) for m in pending]
-        pending.clear()
-        summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-        if not np.isfinite(summary["loss"]):
-          raise FloatingPointError(f"linear probe loss is {summary['loss']} at step {done}; "
-                                   "lower linear_probe.learning_rate.")
-        summary["epoch"] = done / steps_per_epoch
-        writer.write(done, "train", summary)
-        rate = (done - start) / max(time.time() - t_loop, 1e-9)
-        logging.info("probe step %d/%d (epoch %.2f) loss %.4f acc %.4f lr %.4g | %.0f img/s | "
-                     "ETA %s", done, total, summary["epoch"], summary["loss"],
-                     summary["accuracy"], summary["learning_rate"], rate * section.batch_size,
-                     train._format_eta((total - done) / rate))  # pylint: disable=protected-access
-      preempted = preempt.reached(done)
-      if done % steps_per_epoch == 0 or done == total or preempted:
-        ckpt.save(done, par.from_step_layout(state_dev))
-      if preempted:
-        logging.warning("%s", preempt.exit_line(done, ckpt.directory))
-        return {}
+    state = _restore(ckpt, par.replicate_global(jax.device_get(initial)), backbone_step)
+    start = int(first_copy_to_host(state.step))
+    backbone_dev = par.to_step_layout(par.replicate_global(variables))
+    extract = par.map(functools.partial(features_step, task=task), n_replicated=1, n_batch=1)
+    t_start = time.time()
+    eval_x, eval_y = extract_features(extract, par, backbone_dev, eval_ds)
+    if cache:
+      _, in_order, _ = get(ml_collections.ConfigDict({**data.to_dict(),
+                                                      "eval_split": data.train_split}))
+      train_x, train_y = extract_features(extract, par, backbone_dev, in_order)
+      fn = par.map(functools.partial(train_step_features, task=task), n_replicated=1, n_batch=1,
+                   donate_state=True)
+      step_fn = fn
+      batches = ({"feature": train_x[rows], "label": train_y[rows]}
+                 for rows in map(train_ds.indices, range(start, total)))
+    else:
+      fn = par.map(functools.partial(train_step_images, task=task), n_replicated=2, n_batch=1,
+                   donate_state=True)
+      step_fn = lambda s, b: fn(s, backbone_dev, b)  # noqa: E731
+      batches = ({"image": b["image"], "label": b["label"]}
+                 for b in train_ds.iterator(start_step=start))
+    logging.info("Linear probe of %s (step %d of %s): %d-d features of %d training (%s) and %d "
+                 "held-out (%s) examples; %s in %.1f s. SGD lr %g momentum %g wd %g, x0.1 from "
+                 "epochs %s; batch %d, %d epochs (%d steps) on %d device(s); augmentation %r.",
+                 run_config.model.name, backbone_step, workdir, feature_dim,
+                 train_ds.num_examples, data.train_split, len(eval_y), data.eval_split,
+                 "features of both computed" if cache else "held-out features computed",
+                 time.time() - t_start, section.learning_rate, section.momentum,
+                 section.weight_decay, tuple(section.milestones), section.batch_size,
+                 section.epochs, total, par.device_count, info.augment)
+    preempt.install()
+    state_dev = _train(config, par, task, step_fn, batches, par.to_step_layout(state),
+                       start=start, total=total, steps_per_epoch=steps_per_epoch, ckpt=ckpt,
+                       writer=writer, preempt=preempt)
   finally:
     preempt.uninstall()
     ckpt.close()
     writer.close()
+  if state_dev is None:
+    return {}  # Preempted; the checkpoint is saved.
   evaluate_fn = par.map(functools.partial(eval_step, task=task), n_replicated=1, n_batch=1)
   result = evaluate(evaluate_fn, par, state_dev, eval_x, eval_y, eval_batch)
   result.update(eval_split=data.eval_split, train_split=data.train_split,
@@ -393,3 +376,39 @@ def _run(config, workdir: str, cache_train_features: bool | None) -> dict:
                backbone_step, result["top1"], result["loss"], data.eval_split,
                result["num_examples"])
   return result
+
+
+def _train(config, par: Parallel, task: ProbeTask, step_fn, batches, state_dev, *, start: int,
+           total: int, steps_per_epoch: int, ckpt, writer, preempt):
+  """Steps ``start .. total``; checkpoints every epoch. Returns the state, None if preempted."""
+  log_every = min(config.log_every_steps, steps_per_epoch)
+  pending, t_loop = [], time.time()
+  for step in range(start, total):
+    state_dev, metrics = step_fn(state_dev, par.batch_input(next(batches)))
+    done = step + 1
+    pending.append(par.output(metrics))
+    if done % log_every == 0 or done == total:
+      fetched = [first_copy_to_host(m) for m in pending]
+      pending.clear()
+      summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+      if not np.isfinite(summary["loss"]):
+        raise FloatingPointError(f"linear probe loss is {summary['loss']} at step {done}; the last "
+                                 f"good checkpoint is in {ckpt.directory}. Lower "
+                                 "linear_probe.learning_rate.")
+      summary["epoch"] = done / steps_per_epoch
+      writer.write(done, "train", summary)
+      rate = (done - start) / max(time.time() - t_loop, 1e-9)
+      logging.info("probe step %d/%d (epoch %.2f) loss %.4f acc %.4f lr %.4g | %.0f img/s | "
+                   "ETA %s", done, total, summary["epoch"], summary["loss"],
+                   summary["accuracy"], summary["learning_rate"],
+                   rate * config.linear_probe.batch_size,
+                   train._format_eta((total - done) / rate))  # pylint: disable=protected-access
+    preempted = preempt.reached(done)
+    if done % steps_per_epoch == 0 or done == total or preempted:
+      ckpt.save(done, par.from_step_layout(state_dev))
+    if preempted:
+      logging.warning("%s", preempt.exit_line(done, ckpt.directory))
+      return None
+  if start >= total:
+    logging.info("The probe is trained already (step %d of %d); evaluating it.", start, total)
+  return state_dev
