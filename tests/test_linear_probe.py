@@ -98,6 +98,29 @@ def test_step_is_sgd_softmax_regression_on_8_and_1_devices():
   assert [r for *_, r in ref] == pytest.approx([0.5, 0.5, 0.05, 0.05])
 
 
+def test_probe_equals_pytorch_lincls_twin():
+  """The same probe (8 devices) against torch.optim.SGD as S2-BNN's main_lincls.py
+  drives it (tests/torch_twins/lincls_torch.py), in float64: 6 steps, 2 an epoch,
+  milestones at epochs 1 and 2, momentum and weight decay."""
+  pytest.importorskip("torch")
+  from tests.torch_twins import lincls_torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(48, 7)).astype(np.float32)
+  y = rng.integers(0, 4, size=48).astype(np.int32)
+  batches = [rng.permutation(48)[:16] for _ in range(6)]
+  section = _section(milestones=(1, 2), learning_rate=0.3, weight_decay=1e-2)
+  init, ours = _run_steps(Parallel(), x, y, batches, section, 2)
+  twin = lincls_torch.train_linear(
+      x.astype(np.float64), y, batches, kernel=init["kernel"].astype(np.float64),
+      bias=init["bias"].astype(np.float64), lr=0.3, momentum=0.9, weight_decay=1e-2,
+      milestones=(1, 2), steps_per_epoch=2)
+  for (loss, kernel, bias, _), (t_loss, t_kernel, t_bias) in zip(ours, twin):
+    np.testing.assert_allclose(loss, t_loss, rtol=1e-5)
+    np.testing.assert_allclose(kernel, t_kernel, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(bias, t_bias, rtol=1e-4, atol=1e-6)
+  assert np.abs(ours[-1][1] - init["kernel"]).max() > 1e-2  # It moved.
+
+
 def test_init_is_mocos_normal_0_01_and_zero_bias():
   tx, schedule = linear_probe.make_optimizer(_section(), 1)
   task = linear_probe.ProbeTask(backbone=None, tx=tx, learning_rate=schedule, info=None)
