@@ -265,6 +265,24 @@ def test_cached_features_equal_recomputed_features(cached_probe, backbone_run, t
   assert again["top1"] == result["top1"]
 
 
+def test_preempted_mid_epoch_probe_resumes_exactly(cached_probe, backbone_run, tmp_path,
+                                                   monkeypatch):
+  """A SIGTERM notice at step 5 (mid-epoch) saves step 5 and returns without a
+  result; the same call then ends where the uninterrupted probe did."""
+  workdir = _copy(backbone_run, tmp_path / "w")
+  monkeypatch.setattr(linear_probe.preemption.PreemptionHandler, "reached",
+                      lambda self, step: step == 5)
+  assert linear_probe.run(probe_config(), workdir) == {}
+  assert _probe_params(workdir)[2] == 5 and not _records(workdir)
+  monkeypatch.undo()
+  result = linear_probe.run(probe_config(), workdir)
+  a, _, _ = _probe_params(cached_probe[0])
+  b, _, _ = _probe_params(workdir)
+  np.testing.assert_array_equal(a["kernel"], b["kernel"])
+  np.testing.assert_array_equal(a["bias"], b["bias"])
+  assert result["top1"] == cached_probe[1]["top1"]
+
+
 @pytest.mark.slow  # Two probes that run the backbone every step (~25 s on 2 loaded cores).
 def test_resumed_augmented_probe_equals_uninterrupted(cached_probe, backbone_run, tmp_path):
   """Device pad-crop-flip, features recomputed every step; the last checkpoint
