@@ -15,8 +15,11 @@ x0.1 from epochs 60 and 80, no weight decay, ``W ~ N(0, 0.01^2)``, ``b = 0``,
 backbone in eval mode, the training split augmented and the held-out split
 not. The augmentation is the dataset's own training augmentation in this
 library (``data.augment``): for ImageNet that is MoCo's ``RandomResizedCrop``
-(area 0.08-1) + flip; for CIFAR the pad-crop-flip. Nothing is normalised
-beyond the dataset's mean/std. Where the training images are not augmented
+(area 0.08-1) + flip, its held-out crop MoCo's 224 of 256; for CIFAR the
+pad-crop-flip. Nothing is normalised beyond the dataset's mean/std. One
+difference: each epoch leaves out the ``N mod batch`` examples its
+permutation puts last (this library's training order), where MoCo's loader
+trains on a last, smaller batch. Where the training images are not augmented
 (``linear_probe.augment=False``, or a dataset whose augmentation is 'none')
 the frozen backbone's features are computed once and the probe trains on
 them; otherwise each step runs the backbone on its augmented batch.
@@ -308,7 +311,8 @@ def _run(config, workdir: str, cache_train_features: bool | None) -> dict:
   train_ds, eval_ds, info = get(data)
   cache = info.augment == "none" if cache_train_features is None else cache_train_features
   if cache and info.augment != "none":
-    raise ValueError(f"training features cannot be cached with augment={info.augment!r}.")
+    raise ValueError(f"cache_train_features=True needs unaugmented training images; the data "
+                     f"augments them ({info.augment!r}).")
   if section.augment and info.augment == "none":
     logging.info("linear_probe.augment=True but data.augment resolves to 'none' for %s: "
                  "the training features are computed once.", info.name)
@@ -331,16 +335,16 @@ def _run(config, workdir: str, cache_train_features: bool | None) -> dict:
     extract = par.map(functools.partial(features_step, task=task), n_replicated=1, n_batch=1)
     t_start = time.time()
     eval_x, eval_y = extract_features(extract, par, backbone_dev, eval_ds)
-    if cache:
+    step_fn = batches = None  # A finished probe is only evaluated.
+    if cache and start < total:
       _, in_order, _ = get(ml_collections.ConfigDict({**data.to_dict(),
                                                       "eval_split": data.train_split}))
       train_x, train_y = extract_features(extract, par, backbone_dev, in_order)
-      fn = par.map(functools.partial(train_step_features, task=task), n_replicated=1, n_batch=1,
-                   donate_state=True)
-      step_fn = fn
+      step_fn = par.map(functools.partial(train_step_features, task=task), n_replicated=1,
+                        n_batch=1, donate_state=True)
       batches = ({"feature": train_x[rows], "label": train_y[rows]}
                  for rows in map(train_ds.indices, range(start, total)))
-    else:
+    elif start < total:
       fn = par.map(functools.partial(train_step_images, task=task), n_replicated=2, n_batch=1,
                    donate_state=True)
       step_fn = lambda s, b: fn(s, backbone_dev, b)  # noqa: E731
