@@ -280,6 +280,10 @@ def test_preempted_mid_epoch_probe_resumes_exactly(cached_probe, backbone_run, t
   np.testing.assert_array_equal(a["kernel"], b["kernel"])
   np.testing.assert_array_equal(a["bias"], b["bias"])
   assert result["top1"] == cached_probe[1]["top1"]
+  # Run once more: the finished probe is evaluated again, not trained.
+  again = linear_probe.run(probe_config(), workdir)
+  assert again["top1"] == result["top1"] and len(_records(workdir)) == 2
+  assert _probe_params(workdir)[2] == result["probe_steps"]
 
 
 @pytest.mark.slow  # Two probes that run the backbone every step (~25 s on 2 loaded cores).
@@ -354,9 +358,15 @@ def test_probe_of_another_backbone_step_is_refused(cached_probe, tmp_path, monke
     linear_probe.run(probe_config(), workdir)
 
 
-def test_workdir_without_a_run_fails_clearly(tmp_path):
+def test_workdir_without_a_run_or_of_other_data_fails_clearly(backbone_run, tmp_path):
   with pytest.raises(FileNotFoundError, match="no config.json"):
     linear_probe.run(probe_config(), str(tmp_path))
+  config = probe_config(**{"data.name": "cifar10"})
+  with pytest.raises(ValueError, match="was trained on 'digits' but the probe's config.data.name "
+                                       "is 'cifar10'"):
+    linear_probe.run(config, str(backbone_run))
+  with pytest.raises(ValueError, match="config.data.eval_split is empty"):
+    linear_probe.run(probe_config(**{"data.eval_split": ""}), str(backbone_run))
 
 
 def test_command_line_mode_reaches_the_probe(tmp_path):
