@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 
-from cmim_jax import binarize, layers
+from cmim_jax import layers, quantizers
 
 FLOAT_BITS = 32
 
@@ -96,7 +96,7 @@ def _own_leaves(tree: Mapping[str, Any]) -> dict[str, Any]:
 def _quantizes(module: nn.Module, field: str) -> bool:
   """Whether ``module.<field>`` is a quantizer other than ``'identity'``."""
   q = getattr(module, field, None)
-  return q is not None and not binarize.is_identity(q)
+  return q is not None and not quantizers.is_identity(q)
 
 
 def _record_calls(model: nn.Module, x: Any, call_kwargs: Mapping[str, Any]):

@@ -14,10 +14,10 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cmim_jax import binarize, layers, models
+from cmim_jax import binarize, layers, models, quantizers
 
 
-@binarize.register("gain_sign")
+@quantizers.register("gain_sign")
 def gain_sign(x, clip=1.0, gain=1.0):
   r"""``gain * sign(x)`` with the clipped straight-through gradient
   :math:`gain \cdot 1_{|x| \le clip}`; ``clip`` and ``gain`` are options:
@@ -34,8 +34,8 @@ class TinyBNN(nn.Module):
   the activations CMIM contrasts.
   """
   num_classes: int = 10
-  input_quantizer: binarize.QuantizerLike = "gain_sign"
-  kernel_quantizer: binarize.QuantizerLike = "xnor_weight"
+  input_quantizer: quantizers.QuantizerLike = "gain_sign"
+  kernel_quantizer: quantizers.QuantizerLike = "xnor_weight"
   width: int = 16
   depth: int = 2
   bn_axis_name: Optional[str] = None

@@ -1,5 +1,10 @@
-"""Tests for cmim_jax.binarize: forward values, surrogate gradients, registry."""
+"""Tests for cmim_jax.binarize (forward values, surrogate gradients) and its registry
+(cmim_jax.quantizers, re-exported by binarize)."""
 import functools
+import os
+import pathlib
+import subprocess
+import sys
 
 import chex
 import jax
@@ -430,3 +435,27 @@ class IdentifierTest(parameterized.TestCase):
     finally:
       for name in ("scaled_ede_for_test", "plain_sign_for_test"):
         binarize._REGISTRY.pop(name, None)  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------- layering
+
+
+def test_registry_names_reexported_from_binarize():
+  from cmim_jax import quantizers  # pylint: disable=g-import-not-at-top
+  for name in ("ParamSpec", "Quantizer", "QuantizerLike", "register", "names", "get",
+               "is_identity", "owned_params", "parse_identifier", "_REGISTRY"):
+    assert getattr(binarize, name) is getattr(quantizers, name), name
+    assert name in dir(binarize), name
+  with pytest.raises(AttributeError, match="no attribute 'not_a_quantizer_name'"):
+    binarize.not_a_quantizer_name  # pylint: disable=pointless-statement
+
+
+def test_bottom_modules_import_nothing_above():
+  # A fresh interpreter: this one has imported everything already.
+  code = ("import sys; import cmim_jax.identifiers; "
+          "assert 'jax' not in sys.modules, 'identifiers imports jax'; "
+          "import cmim_jax.binarize; "
+          "mods = sorted(m for m in sys.modules if m.startswith('cmim_jax.')); "
+          "assert mods == ['cmim_jax.binarize', 'cmim_jax.identifiers'], mods")
+  subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                 env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})

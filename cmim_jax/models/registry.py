@@ -19,7 +19,7 @@ name (``'bfloat16'``); fields holding a module class or factory
 (``block_cls``, ``input_shift``) from a part identifier such as
 ``'BiRealBlock'`` or ``'ASD(reduction=8)'`` (:func:`register_part`), or
 ``'none'``; quantizer fields from a quantizer identifier
-(``'ste_sign(clip=1.5)'``, see :func:`cmim_jax.binarize.get`).
+(``'ste_sign(clip=1.5)'``, see :func:`cmim_jax.quantizers.get`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 
-from cmim_jax import binarize
+from cmim_jax import quantizers
+from cmim_jax.identifiers import add_unique, parse_identifier
 
 # Set by from_config's arguments (the data and the parallel wrapper), not the config.
 RESERVED = ("num_classes", "bn_axis_name")
@@ -61,12 +62,9 @@ def register(name: str) -> Callable[[Any], Any]:
     raise TypeError(f"register takes the model's name, e.g. @register('my_net'); got {name!r}")
 
   def decorate(factory):
-    if name in _MODELS:
-      raise ValueError(f"model {name!r} is already registered")
     if not callable(factory):
       raise TypeError(f"model {name!r}: expected a module class or factory, got {factory!r}")
-    _MODELS[name] = factory
-    return factory
+    return add_unique(_MODELS, name, factory, "model")
 
   return decorate
 
@@ -76,10 +74,7 @@ def register_part(name: str) -> Callable[[Any], Any]:
   ``input_shift``) under ``name``, so a config can name it; use as a decorator."""
 
   def decorate(part):
-    if name in _PARTS:
-      raise ValueError(f"part {name!r} is already registered")
-    _PARTS[name] = part
-    return part
+    return add_unique(_PARTS, name, part, "part")
 
   return decorate
 
@@ -195,7 +190,7 @@ def config_section(model_names: Iterable[str] | None = None) -> config_dict.Conf
 def _part(field: str, text: str) -> Any:
   if text.strip().lower() == "none":
     return None
-  part_name, options = binarize.parse_identifier(text, what="part")
+  part_name, options = parse_identifier(text, what="part")
   try:
     part = _PARTS[part_name]
   except KeyError:
@@ -215,7 +210,7 @@ def _convert(name: str, field: str, value: Any, default: Any, annotation: str) -
   where = f"config.model.{field}={value!r} (model {name!r})"
   if kind == "quantizer":
     if isinstance(value, str):
-      binarize.get(value)  # Fails here, naming the problem, rather than inside a trace.
+      quantizers.get(value)  # Fails here, naming the problem, rather than inside a trace.
     return value
   if kind == "dtype":
     try:

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmim_jax import binarize, layers
+from cmim_jax import layers, quantizers
 from cmim_jax.models import common, registry
 
 Array = jax.Array
@@ -147,8 +147,8 @@ class ResNet(nn.Module):
   widths: Sequence[int]
   block_cls: ModuleDef
   num_classes: int = 10
-  input_quantizer: binarize.QuantizerLike = "ede_sign"
-  kernel_quantizer: binarize.QuantizerLike = "irnet_weight"
+  input_quantizer: quantizers.QuantizerLike = "ede_sign"
+  kernel_quantizer: quantizers.QuantizerLike = "irnet_weight"
   input_shift: Optional[Callable[..., nn.Module]] = None
   shortcut: str = "binary"
   stem: str = "cifar"

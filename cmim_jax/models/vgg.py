@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmim_jax import binarize, layers
+from cmim_jax import layers, quantizers
 from cmim_jax.models import common, registry
 
 Array = jax.Array
@@ -34,8 +34,8 @@ class VGGSmall(nn.Module):
     dtype: computation dtype (parameters stay float32; logits are float32).
   """
   num_classes: int = 10
-  input_quantizer: binarize.QuantizerLike = "ede_sign"
-  kernel_quantizer: binarize.QuantizerLike = "irnet_weight"
+  input_quantizer: quantizers.QuantizerLike = "ede_sign"
+  kernel_quantizer: quantizers.QuantizerLike = "irnet_weight"
   input_shift: Optional[Callable[..., nn.Module]] = None
   widths: Sequence[int] = (128, 128, 256, 256, 512, 512)
   pool_after: Sequence[int] = (1, 3, 5)

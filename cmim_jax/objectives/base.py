@@ -31,6 +31,8 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple
 
 import jax
 
+from cmim_jax.identifiers import add_unique
+
 AUX_NEEDS = ("binary_acts", "features", "teacher_logits", "teacher_features")
 
 
@@ -89,10 +91,7 @@ def register(name: str):
     raise ValueError(f"objective name {name!r} must be a lowercase identifier.")
 
   def decorator(factory):
-    if name in _FACTORIES:
-      raise ValueError(f"objective {name!r} is already registered.")
-    _FACTORIES[name] = factory
-    return factory
+    return add_unique(_FACTORIES, name, factory, "objective")
   return decorator
 
 
