@@ -418,6 +418,27 @@ def numpy_nce_side(anchor, bank, own, neg, tau, m, log_z=None, keep=None):
   return -np.mean(d1 + d0.sum(1)), np.log(z)
 
 
+def test_memory_terms_without_dataset_index_name_themselves():
+  """Both bank terms refuse a batch without 'index', each naming itself (traced
+  with eval_shape: the error is raised while tracing, nothing needs to run)."""
+  x = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  labels = jax.ShapeDtypeStruct((4,), jnp.int32)
+  key = jax.random.PRNGKey(0)
+  cmim_term = _memory_term(class_aware=False)
+  acts = {f"s{i}": {"conv": {"a_B": (x(4, 4, 4, 3),), "a_F": (x(4, 4, 4, 3),)}} for i in (1, 2)}
+  params, state = jax.eval_shape(cmim_term.init, key, {"binary_acts": acts})
+  with pytest.raises(ValueError, match=r"cmim.negatives='memory' needs .*batch\['index'\]"):
+    jax.eval_shape(lambda p, s, a: cmim_term.loss(p, s, {}, aux=a, axis_name=None),
+                   params, state, {"binary_acts": acts, "labels": labels})
+  crd_term = crd_lib.CRD(embed_dim=8, num_data=40, num_negatives=12, temperature=0.1,
+                         momentum=0.5, class_aware=True)
+  aux = {"features": x(4, 6), "teacher_features": x(4, 10), "labels": labels}
+  params, state = jax.eval_shape(crd_term.init, key, aux)
+  with pytest.raises(ValueError, match=r"the 'crd' objective needs .*batch\['index'\]"):
+    jax.eval_shape(lambda p, s, a: crd_term.loss(p, s, {}, aux=a, axis_name=None),
+                   params, state, aux)
+
+
 def test_crd_nce_matches_numpy():
   rng = np.random.default_rng(0)
   anchor, bank = _unit(rng, 6, 4), _unit(rng, 30, 4)

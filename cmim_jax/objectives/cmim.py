@@ -77,17 +77,10 @@ class CMIM(Objective):
     return self._memory_loss(embeddings, state, batch, aux["labels"], axis_name)
 
   def _memory_loss(self, embeddings, state, batch, labels, axis_name):
-    if "index" not in batch:
-      raise ValueError("cmim.negatives='memory' needs each example's dataset index "
-                       "(batch['index']), which the in-memory training iterators yield; "
-                       "data.pipeline='stream' does not carry it yet.")
-    index = batch["index"]
-    b = index.shape[0]
-    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
-    key = jax.random.fold_in(state["key"], state["count"])
-    negatives = memory.draw_negatives(key, offset + jnp.arange(b), index,
-                                      num_data=self.num_data, num=self.num_negatives)
-    keep = state["labels"][negatives] != labels[:, None] if self.class_aware else None
+    index = memory.require_index(batch, "cmim.negatives='memory'")
+    negatives, keep = memory.draw_step_negatives(
+        state, index, labels, num_data=self.num_data, num=self.num_negatives,
+        class_aware=self.class_aware, axis_name=axis_name)
     all_index = memory.gather_global(index, axis_name)
     per_layer, banks = {}, {}
     for layer, (z_b, z_f) in embeddings.items():
@@ -100,9 +93,7 @@ class CMIM(Objective):
                                   self.momentum),
           "f": memory.update_bank(bank["f"], all_index, memory.gather_global(z_f, axis_name),
                                   self.momentum)}
-    new_state = {"banks": banks,
-                 "labels": state["labels"].at[all_index].set(memory.gather_global(labels, axis_name)),
-                 "key": state["key"], "count": state["count"] + 1}
+    new_state = {"banks": banks, **memory.advance_draws(state, all_index, labels, axis_name)}
     return sum(per_layer.values()), new_state, per_layer
 
   def describe(self) -> str:

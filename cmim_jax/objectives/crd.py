@@ -103,21 +103,14 @@ class CRD(Objective):
     return params, state
 
   def loss(self, params, state, batch, *, aux, axis_name):
-    if "index" not in batch:
-      raise ValueError("the 'crd' objective needs each example's dataset index "
-                       "(batch['index']), which the in-memory training iterators yield; "
-                       "data.pipeline='stream' does not carry it yet.")
+    index, labels = memory.require_index(batch, "the 'crd' objective"), aux["labels"]
     head = _Embed(self.embed_dim)
     s = head.apply({"params": params["student"]}, aux["features"])
     t = head.apply({"params": params["teacher"]},
                    jax.lax.stop_gradient(aux["teacher_features"]))
-    index, labels = batch["index"], aux["labels"]
-    b = index.shape[0]
-    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
-    key = jax.random.fold_in(state["key"], state["count"])
-    negatives = memory.draw_negatives(key, offset + jnp.arange(b), index,
-                                      num_data=self.num_data, num=self.num_negatives)
-    keep = state["labels"][negatives] != labels[:, None] if self.class_aware else None
+    negatives, keep = memory.draw_step_negatives(
+        state, index, labels, num_data=self.num_data, num=self.num_negatives,
+        class_aware=self.class_aware, axis_name=axis_name)
     first = state["count"] == 0
 
     def side(anchor, bank, log_z):
@@ -142,9 +135,8 @@ class CRD(Objective):
                                      memory.gather_global(s, axis_name), self.momentum),
         "bank_t": memory.update_bank(state["bank_t"], all_index,
                                      memory.gather_global(t, axis_name), self.momentum),
-        "labels": state["labels"].at[all_index].set(memory.gather_global(labels, axis_name)),
         "log_z_s": log_z_s, "log_z_t": log_z_t,
-        "key": state["key"], "count": state["count"] + 1}
+        **memory.advance_draws(state, all_index, labels, axis_name)}
     return loss_s + loss_t, new_state, {"student": loss_s, "teacher": loss_t}
 
   def describe(self) -> str:

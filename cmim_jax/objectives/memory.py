@@ -42,6 +42,62 @@ def draw_negatives(key: jax.Array, global_position: jax.Array, exclude: jax.Arra
   return jax.vmap(one)(global_position, exclude)
 
 
+def require_index(batch, who: str) -> jax.Array:
+  """``batch['index']``, or a ValueError saying that ``who`` needs it."""
+  if "index" not in batch:
+    raise ValueError(f"{who} needs each example's dataset index (batch['index']), which "
+                     "the in-memory training iterators yield; data.pipeline='stream' does "
+                     "not carry it yet.")
+  return batch["index"]
+
+
+def draw_step_negatives(state, index: jax.Array, labels: jax.Array, *, num_data: int,
+                        num: int, class_aware: bool, axis_name: str | None
+                        ) -> tuple[jax.Array, jax.Array | None]:
+  """This step's negatives for a per-device batch, and the class-aware mask.
+
+  The key is ``fold_in(state['key'], state['count'])``, equal on every
+  device; example ``i`` of device ``d`` draws at global position
+  ``d * b + i`` (:func:`draw_negatives`).
+
+  Args:
+    state: holds ``'key'``, ``'count'`` and ``'labels'`` (``i32[num_data]``,
+      each bank row's label, -1 before it is first written).
+    index: ``i32[b]`` dataset indices of this device's examples.
+    labels: ``i32[b]`` their labels.
+    num_data: bank size.
+    num: negatives per example.
+    class_aware: whether to drop negatives of the anchor's class.
+    axis_name: the batch axis, or None on one device.
+
+  Returns:
+    ``(negatives i32[b, num], keep)``; ``keep`` is ``bool[b, num]``, False
+    where the negative's stored label is the anchor's, or None when not
+    ``class_aware``.
+  """
+  b = index.shape[0]
+  offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
+  key = jax.random.fold_in(state["key"], state["count"])
+  negatives = draw_negatives(key, offset + jnp.arange(b), index, num_data=num_data, num=num)
+  keep = state["labels"][negatives] != labels[:, None] if class_aware else None
+  return negatives, keep
+
+
+def advance_draws(state, all_index: jax.Array, labels: jax.Array,
+                  axis_name: str | None) -> dict[str, jax.Array]:
+  """The ``'labels'``, ``'key'`` and ``'count'`` entries of the next state.
+
+  Args:
+    state: as for :func:`draw_step_negatives`.
+    all_index: ``i32[N]`` the global batch's dataset indices
+      (:func:`gather_global` of ``index``).
+    labels: ``i32[b]`` this device's labels (gathered here).
+    axis_name: the batch axis, or None on one device.
+  """
+  return {"labels": state["labels"].at[all_index].set(gather_global(labels, axis_name)),
+          "key": state["key"], "count": state["count"] + 1}
+
+
 def memory_infonce(z_b: jax.Array, z_f: jax.Array, bank_b: jax.Array, bank_f: jax.Array,
                    negatives: jax.Array, *, temperature: float,
                    keep: jax.Array | None = None, axis_name: str | None = None) -> jax.Array:
