@@ -114,18 +114,19 @@ reactnet18 = registry.register("reactnet18")(ReActNet18)
 reactnet18_fp = registry.register("reactnet18_fp")(functools.partial(ReActNet18, **_FP))
 
 
+def _bn(official: str, module: str) -> dict[str, tuple[str, str, str]]:
+  """The four entries of an official ``BatchNorm2d`` named ``official``."""
+  return {f"{official}.{name}": (module, leaf, "") for name, leaf in
+          (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"),
+           ("running_var", "var"))}
+
+
 # Official unit parameter -> (module inside conv{j}'s block, leaf, transform).
 _UNIT_KEYS: dict[str, tuple[str, str, str]] = {
     "binary_conv.weight": ("conv{j}", "kernel", "oihw"),
-    "bn1.weight": ("bn{j}", "scale", ""),
-    "bn1.bias": ("bn{j}", "bias", ""),
-    "bn1.running_mean": ("bn{j}", "mean", ""),
-    "bn1.running_var": ("bn{j}", "var", ""),
+    **_bn("bn1", "bn{j}"),
     "downsample.1.weight": ("downsample", "kernel", "oihw"),
-    "downsample.2.weight": ("downsample_bn", "scale", ""),
-    "downsample.2.bias": ("downsample_bn", "bias", ""),
-    "downsample.2.running_mean": ("downsample_bn", "mean", ""),
-    "downsample.2.running_var": ("downsample_bn", "var", ""),
+    **_bn("downsample.2", "downsample_bn"),
     "move0.bias": ("conv{j}/input_shift", "beta", "channel"),
     # LearnableBias adds move1 before the PReLU; RPReLU subtracts gamma.
     "move1.bias": ("act{j}", "gamma", "neg_channel"),
@@ -134,10 +135,7 @@ _UNIT_KEYS: dict[str, tuple[str, str, str]] = {
 }
 _TOP_KEYS: dict[str, tuple[str, str, str]] = {
     "conv1.weight": ("stem_conv", "kernel", "oihw"),
-    "bn1.weight": ("stem_bn", "scale", ""),
-    "bn1.bias": ("stem_bn", "bias", ""),
-    "bn1.running_mean": ("stem_bn", "mean", ""),
-    "bn1.running_var": ("stem_bn", "var", ""),
+    **_bn("bn1", "stem_bn"),
     "fc.weight": ("fc", "kernel", "transpose"),
     "fc.bias": ("fc", "bias", ""),
 }
