@@ -94,18 +94,12 @@ def _checked_config(data_config) -> ml_collections.ConfigDict:
         f'section (configs/default.py) and override keys, or fix the '
         f'spelling.')
   cfg = ml_collections.ConfigDict(dict(data_config))
-  if cfg.source not in _sources.SOURCES:
-    raise ValueError(f'data.source={cfg.source!r} is not one of '
-                     f'{_sources.SOURCES}.')
-  if cfg.pipeline not in _streaming.PIPELINES:
-    raise ValueError(f'data.pipeline={cfg.pipeline!r} is not one of '
-                     f'{_streaming.PIPELINES}.')
-  if cfg.on_corrupt not in _streaming.ON_CORRUPT:
-    raise ValueError(f'data.on_corrupt={cfg.on_corrupt!r} is not one of '
-                     f'{_streaming.ON_CORRUPT}.')
-  if cfg.augment not in _augment.AUGMENT_MODES:
-    raise ValueError(f'data.augment={cfg.augment!r} is not one of '
-                     f'{_augment.AUGMENT_MODES}.')
+  for key, allowed in (('source', _sources.SOURCES),
+                       ('pipeline', _streaming.PIPELINES),
+                       ('on_corrupt', _streaming.ON_CORRUPT),
+                       ('augment', _augment.AUGMENT_MODES)):
+    if cfg[key] not in allowed:
+      raise ValueError(f'data.{key}={cfg[key]!r} is not one of {allowed}.')
   return cfg
 
 

@@ -587,8 +587,9 @@ def test_split_smaller_than_one_batch(tiny_folder):
 
 
 def test_bad_config_values(tiny_folder):
-  for key, value in (('source', 'tfrecords'), ('augment', 'gpu')):
-    with pytest.raises(ValueError, match=key):
+  for key, value in (('source', 'tfrecords'), ('augment', 'gpu'), ('pipeline', 'fast'),
+                     ('on_corrupt', 'ignore')):
+    with pytest.raises(ValueError, match=f"data.{key}='{value}' is not one of \\("):
       ip.get_datasets(folder_config(tiny_folder, **{key: value}),
                       global_batch_size=2, seed=0)
   with pytest.raises(ValueError, match='image_size'):
