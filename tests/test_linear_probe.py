@@ -172,12 +172,7 @@ def probe_config(**overrides):
   config.eval_batch_size = 128
   config.log_every_steps = 10
   config.keep_checkpoints = 10
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)  # Dotted keys: {"data.augment": ...}.
   return config
 
 

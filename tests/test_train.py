@@ -39,12 +39,7 @@ def small_config(**overrides):
   config.log_every_steps = 1
   config.warmup_epochs = 0.0
   config.model.stage_sizes = (1, 1, 1)  # ResNet-8: same code, a third of the compile time.
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)  # Dotted keys: {"data.augment": ...}.
   return config
 
 
