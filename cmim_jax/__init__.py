@@ -2,7 +2,9 @@
 
 Layers, from the bottom up (nothing below imports anything above):
 
+* ``identifiers``: the ``'name(key=value)'`` parser the registries share.
 * ``binarize``: pure binarization functions with straight-through gradients.
+* ``quantizers``: the registry naming them (``get('ste_sign(clip=1.5)')``).
 * ``layers``: Flax binary layers built on them.
 * ``models``: CIFAR/ImageNet BNN architectures and their FP twins.
 * ``losses``: cross entropy, InfoNCE, the CMIM loss.
