@@ -126,6 +126,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.head_bn = placeholder(bool)  # BN before the classifier.
   config.model.input_shift = placeholder(str)  # 'ASD(reduction=16)' (SD-BNN) | 'none'.
   config.model.pool_after = placeholder(tuple)  # VGG-small: convs followed by a max pool.
+  config.model.strides = placeholder(tuple)  # ReActNet-A: stride of the stem, then of each block.
 
   # IR-Net error-decay estimator: t = t_min * 10^(e/E log10(t_max/t_min)),
   # k = max(1/t, 1), with e the epoch and E the number of epochs; the step
