@@ -92,6 +92,10 @@ EXPECTED_PARAMS["reactnet18_fp"] = EXPECTED_PARAMS["reactnet18"]
 # torchvision's resnet18/34/50 (1000 classes), as its model docs list them;
 # tests/test_models_tv_resnet.py also counts the torchvision modules.
 EXPECTED_PARAMS.update(tv_resnet18=11_689_512, tv_resnet34=21_797_672, tv_resnet50=25_557_032)
+# ReActNet-A (hand count in test_models_reactnet_a.py): 1000 classes at 224,
+# 10 for the CIFAR variant; the FP twins have the same parameters.
+EXPECTED_PARAMS.update(reactnet_a=29_343_592, reactnet_a_fp=29_343_592,
+                       reactnet_a_cifar=28_328_842, reactnet_a_cifar_fp=28_328_842)
 
 RESNET18_BINARY = [f"stage{s}_block{b}/conv{c}" for s in (1, 2, 3, 4) for b in (1, 2)
                    for c in (1, 2)]
@@ -323,6 +327,10 @@ def tiny_config(name):
     config.widths = tuple(4 * 2 ** s for s in range(n))
   elif isinstance(model, models.VGGSmall):
     config.widths = (4, 4, 8, 8, 8, 8)
+  elif isinstance(model, models.ReActNetA):
+    # Doubling at stride 1 and 2, then keeping: every kind of block.
+    config.widths = (4, 8, 16, 16)
+    config.strides = (model.strides[0], 1, 2, 1)
   return config
 
 
@@ -345,6 +353,11 @@ def expected_binary_layers(model):
     return paths
   if isinstance(model, models.VGGSmall):
     return {f"conv{i}" for i in range(1, len(model.widths))}
+  if isinstance(model, models.ReActNetA):
+    widths = model.widths
+    return {f"block{i}/{c}" for i in range(1, len(widths))
+            for c in (("conv1", "conv2_1", "conv2_2") if widths[i] != widths[i - 1]
+                      else ("conv1", "conv2"))}
   return None
 
 
