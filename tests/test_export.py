@@ -104,7 +104,9 @@ def test_padded_taps_count_zero_at_the_borders():
 # quantizers) is the registered one.
 # One block per stage still has every block kind, shortcut and stride.
 _TINY = {"ResNet": dict(widths=(8, 16, 24, 40), stage_sizes=(1, 1, 1, 1)),
-         "VGGSmall": dict(widths=(8, 16, 16, 24, 24, 40))}
+         "VGGSmall": dict(widths=(8, 16, 16, 24, 24, 40)),
+         # Doubling at stride 1 and 2, keeping at stride 1 (stem stride: the model's).
+         "ReActNetA": dict(widths=(8, 16, 32, 32, 64), strides=(1, 1, 2, 1, 2))}
 
 
 def _tiny_model(name):
@@ -115,6 +117,8 @@ def _tiny_model(name):
       if "stage_sizes" in kw:
         n = len(model.stage_sizes)
         kw["widths"], kw["stage_sizes"] = kw["widths"][:n], kw["stage_sizes"][:n]
+      if "strides" in kw:
+        kw["strides"] = (model.strides[0],) + kw["strides"][1:]
       return models.get_model(name, num_classes=7, **kw)
   return model
 

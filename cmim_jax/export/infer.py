@@ -299,6 +299,8 @@ class Program:
       return jnp.clip(x, -1.0, 1.0)
     if op == "add":
       return x + regs[layer["src2"]]
+    if op == "concat":  # Along channels: ReActNet-A's doubling blocks.
+      return jnp.concatenate([x, regs[layer["src2"]]], axis=-1)
     if op == "max_pool":
       return _max_pool(x, layer["window"], layer["strides"], _pairs(layer["padding"]))
     if op == "avg_pool":
@@ -318,6 +320,6 @@ class Program:
 
 
 OPS = ("bconv", "conv", "bn", "hardtanh", "add", "max_pool", "avg_pool", "option_a",
-       "global_avg_pool", "flatten", "dense", "channel_add", "rprelu")
+       "global_avg_pool", "flatten", "dense", "channel_add", "rprelu", "concat")
 # Values of a bconv layer's optional "shift" attribute (None: no shift).
 BCONV_SHIFTS = (None, "asd")

@@ -16,8 +16,9 @@ Supported: :class:`cmim_jax.models.ResNet` (``BasicBlock``,
 RPReLU after each add; every shortcut kind and stem) and
 :class:`cmim_jax.models.VGGSmall`, with sign-forward input quantizers, any
 weight quantizer whose output is ``+-alpha_c`` per output channel, and the
-SD-BNN ASD and ReActNet RSign input shifts. Anything else is refused with
-the reason.
+SD-BNN ASD and ReActNet RSign input shifts; ReActNet-A
+(:class:`cmim_jax.models.ReActNetA`, see :mod:`cmim_jax.export.pack_reactnet_a`).
+Anything else is refused with the reason.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmim_jax import binarize, layers
-from cmim_jax.export import infer
-from cmim_jax.models import birealnet, common, resnet, vgg
+from cmim_jax.export import infer, pack_reactnet_a
+from cmim_jax.models import birealnet, common, reactnet_a, resnet, vgg
 
 
 class NotExportableError(ValueError):
@@ -117,6 +118,8 @@ class _Builder:
     for name, (signs, alpha) in zip(names, kernels):
       self.arrays[f"{name}/bits"] = infer.pack_bits_np(np.transpose(signs, (0, 1, 3, 2)))
       self.arrays[f"{name}/alpha"] = alpha
+
+  float = staticmethod(_float)
 
   def _get(self, tree, path):
     node = tree
@@ -323,7 +326,8 @@ def _vgg(b: _Builder, m: vgg.VGGSmall) -> None:
   b.dense("fc")
 
 
-_EXPORTERS = ((resnet.ResNet, _resnet), (vgg.VGGSmall, _vgg))
+_EXPORTERS = ((resnet.ResNet, _resnet), (vgg.VGGSmall, _vgg),
+              (reactnet_a.ReActNetA, pack_reactnet_a.build))
 
 
 def _exporter(model, model_name):
