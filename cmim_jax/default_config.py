@@ -127,6 +127,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.input_shift = placeholder(str)  # 'ASD(reduction=16)' (SD-BNN) | 'none'.
   config.model.pool_after = placeholder(tuple)  # VGG-small: convs followed by a max pool.
   config.model.strides = placeholder(tuple)  # ReActNet-A: stride of the stem, then of each block.
+  config.model.backbone = placeholder(str)  # MLP-head models: the registered backbone.
+  config.model.head_hidden = placeholder(int)  # MLP-head models: hidden width (backbone fc).
+  config.model.embed_dim = placeholder(int)  # MLP-head models: output (embedding) width.
 
   # IR-Net error-decay estimator: t = t_min * 10^(e/E log10(t_max/t_min)),
   # k = max(1/t, 1), with e the epoch and E the number of epochs; the step

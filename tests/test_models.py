@@ -96,6 +96,9 @@ EXPECTED_PARAMS.update(tv_resnet18=11_689_512, tv_resnet34=21_797_672, tv_resnet
 # 10 for the CIFAR variant; the FP twins have the same parameters.
 EXPECTED_PARAMS.update(reactnet_a=29_343_592, reactnet_a_fp=29_343_592,
                        reactnet_a_cifar=28_328_842, reactnet_a_cifar_fp=28_328_842)
+# MoCo v2's ResNet-50: torchvision's with fc -> Linear(2048, 2048), ReLU,
+# Linear(2048, 128) (tests/test_moco_convert.py).
+EXPECTED_PARAMS["tv_resnet50_moco"] = 27_966_656
 
 RESNET18_BINARY = [f"stage{s}_block{b}/conv{c}" for s in (1, 2, 3, 4) for b in (1, 2)
                    for c in (1, 2)]
@@ -382,7 +385,8 @@ class ModelProtocolTest(parameterized.TestCase):
                      mutable=["batch_stats", layers.BINARY_ACTS])
 
     logits, state = jax.eval_shape(functools.partial(train_apply, model), variables, x, schedule)
-    chex.assert_shape(logits, (b, 3))
+    # Embedding models (a MoCo teacher) return embed_dim wide outputs (CONTRACTS.md).
+    chex.assert_shape(logits, (b, getattr(model, "embed_dim", 3)))
     chex.assert_type(logits, jnp.float32)
     self.assertEqual(jax.tree.structure(state["batch_stats"]),
                      jax.tree.structure(variables["batch_stats"]))
@@ -394,7 +398,7 @@ class ModelProtocolTest(parameterized.TestCase):
     out, _ = jax.eval_shape(jax.vmap(functools.partial(train_apply, sharded),
                                      in_axes=(None, 0, None), axis_name="data"),
                             variables, per_device, schedule)
-    chex.assert_shape(out, (2, b, 3))
+    chex.assert_shape(out, (2, b, getattr(model, "embed_dim", 3)))
     if jax.tree.leaves(variables["batch_stats"]):
       with pytest.raises(NameError, match="data"):  # unbound axis: it is really used
         jax.eval_shape(functools.partial(train_apply, sharded), variables, x, schedule)

@@ -35,6 +35,9 @@ from cmim_jax.models.reactnet_a import ReActNetA
 from cmim_jax.models.resnet import BasicBlock, BiRealBlock, ResNet, ResNet18, ResNet20
 from cmim_jax.models.tv_resnet import TVResNet
 from cmim_jax.models.vgg import VGGSmall
+# After the backbones it wraps (tv_resnet50_moco).
+from cmim_jax.models import embedding  # noqa: E402  pylint: disable=g-bad-import-order
+from cmim_jax.models.embedding import MLPHeadNet
 
 register_part("ASD")(_layers.ASD)
 
@@ -44,4 +47,5 @@ MODEL_NAMES = names()
 __all__ = ["MODEL_NAMES", "names", "register", "register_part", "part_names", "get_model",
            "default_model", "model_fields", "from_config", "config_section",
            "import_modules", "ResNet", "ResNet18", "ResNet20", "BiRealNet18", "ReActNet18",
-           "ReActNetA", "BasicBlock", "BiRealBlock", "BiRealNetBlock", "TVResNet", "VGGSmall"]
+           "ReActNetA", "BasicBlock", "BiRealBlock", "BiRealNetBlock", "TVResNet", "VGGSmall",
+           "MLPHeadNet"]
