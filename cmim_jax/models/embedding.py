@@ -54,8 +54,8 @@ class MLPHeadNet(nn.Module):
       uses the backbone's feature width.
     embed_dim: width of the output embedding.
     num_classes: unused (see the module docstring).
-    input_quantizer: passed to the backbone.
-    kernel_quantizer: passed to the backbone.
+    input_quantizer: passed to the backbone; ``None`` keeps the backbone's.
+    kernel_quantizer: passed to the backbone; ``None`` keeps the backbone's.
     bn_axis_name: passed to the backbone.
     dtype: computation dtype (the output is float32).
   """
@@ -63,8 +63,8 @@ class MLPHeadNet(nn.Module):
   head_hidden: int = 2048
   embed_dim: int = 128
   num_classes: int = 128
-  input_quantizer: binarize.QuantizerLike = "identity"
-  kernel_quantizer: binarize.QuantizerLike = "identity"
+  input_quantizer: Optional[binarize.QuantizerLike] = None
+  kernel_quantizer: Optional[binarize.QuantizerLike] = None
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
 
@@ -74,13 +74,18 @@ class MLPHeadNet(nn.Module):
     """The ``embed_dim``-wide embedding ``f32[B, embed_dim]`` of NHWC images."""
     # get_model's first parameter is called name: the module name goes to the factory.
     factory = registry._factory(self.backbone)  # pylint: disable=protected-access
-    net = factory(num_classes=self.head_hidden, input_quantizer=self.input_quantizer,
-                  kernel_quantizer=self.kernel_quantizer, bn_axis_name=self.bn_axis_name,
-                  dtype=self.dtype, name="backbone")
+    quantizers = {k: v for k, v in (("input_quantizer", self.input_quantizer),
+                                    ("kernel_quantizer", self.kernel_quantizer))
+                  if v is not None}
+    net = factory(num_classes=self.head_hidden, bn_axis_name=self.bn_axis_name,
+                  dtype=self.dtype, name="backbone", **quantizers)
     h = net(x, train=train, schedule=schedule)
     z = nn.Dense(self.embed_dim, dtype=self.dtype, name="proj")(nn.relu(h))
     return jnp.asarray(z, jnp.float32)
 
 
+# Full precision, stated here too so that tools reading the wrapper's own
+# fields (export, summary) see it as such.
 tv_resnet50_moco = registry.register("tv_resnet50_moco")(
-    functools.partial(MLPHeadNet, backbone="tv_resnet50", head_hidden=2048, embed_dim=128))
+    functools.partial(MLPHeadNet, backbone="tv_resnet50", head_hidden=2048, embed_dim=128,
+                      input_quantizer="identity", kernel_quantizer="identity"))
