@@ -168,8 +168,8 @@ class TestCounts:
                           jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32), train=False)
     binary, real = s.total("binary_macs"), s.total("real_macs")
     assert (binary, real) == hand_macs(WIDTHS, reactnet_a.STRIDES, 224)
-    # Liu et al. 2020, table 4: BOPs 4.82e9, FLOPs 0.12e8, OPs = BOPs / 64 +
-    # FLOPs = 0.87e8 (also the official README's "0.87 x 10^8").
+    # ReActNet-A as published (Liu et al. 2020): BOPs 4.82e9, FLOPs 0.12e8,
+    # OPs = BOPs / 64 + FLOPs = 0.87e8 (the official README's "0.87 x 10^8").
     assert round(binary / 1e9, 2) == 4.82
     assert round(real / 1e8, 2) == 0.12
     assert round((binary / 64 + real) / 1e8, 2) == 0.87
