@@ -209,6 +209,10 @@ class TestOfficialStateDict:
     chex.assert_shape(p["block3"]["conv2"]["kernel"], (1, 1, 128, 128))
     chex.assert_shape(p["stem_conv"]["kernel"], (3, 3, 3, 32))
     np.testing.assert_array_equal(p["fc"]["kernel"], sd["module.fc.weight"].T)
+    # The official train.py's checkpoint dict converts the same.
+    wrapped = reactnet_a.from_official_state_dict({"epoch": 255, "state_dict": sd})
+    np.testing.assert_array_equal(wrapped["params"]["block2"]["conv1"]["kernel"],
+                                  p["block2"]["conv1"]["kernel"])
 
   def test_unknown_keys_are_listed(self):
     with pytest.raises(ValueError, match=r"feature\.1\.conv2\.weight.*'head\.bias'"):

@@ -257,7 +257,9 @@ def from_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict]:
   -move12.bias``), so it also maps gradients.
 
   Args:
-    state_dict: parameter name -> array (numpy or CPU torch tensors).
+    state_dict: parameter name -> array (numpy or CPU torch tensors), or the
+      official training script's checkpoint dict holding it as
+      ``'state_dict'``.
 
   Returns:
     ``{'params': ..., 'batch_stats': ...}`` nested dicts of numpy arrays
@@ -267,6 +269,8 @@ def from_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict]:
     ValueError: keys that are not parameters of the official ReActNet-A
       (all such keys are listed).
   """
+  if isinstance(state_dict.get("state_dict"), Mapping):
+    state_dict = state_dict["state_dict"]  # {'epoch', 'state_dict', 'best_top1_acc', ...}
   variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
   unknown = []
   for key, value in state_dict.items():
