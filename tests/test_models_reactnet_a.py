@@ -214,6 +214,33 @@ class TestOfficialStateDict:
     np.testing.assert_array_equal(wrapped["params"]["block2"]["conv1"]["kernel"],
                                   p["block2"]["conv1"]["kernel"])
 
+  def test_s2bnn_layout_drops_the_unused_pointwise_convs(self):
+    # S2-BNN's ReActNet.py builds both kinds of 1x1 stage in every block
+    # (4-D ``weight`` kernels) and uses one: block 1 doubles 32 -> 64, block 3 keeps 128.
+    rng = np.random.default_rng(0)
+
+    def bn(prefix, c):
+      return {f"{prefix}.{k}": rng.uniform(0.5, 1.5, size=(c,))
+              for k in ("weight", "bias", "running_mean", "running_var")}
+
+    used = {"feature.1.binary_pw_down1.weight": rng.normal(size=(32, 32, 1, 1)),
+            "feature.1.binary_pw_down2.weight": rng.normal(size=(32, 32, 1, 1)),
+            **bn("feature.1.bn2_1", 32), **bn("feature.1.bn2_2", 32),
+            "feature.3.binary_pw.weight": rng.normal(size=(128, 128, 1, 1)),
+            **bn("feature.3.bn2", 128)}
+    unused = {"feature.1.binary_pw.weight": rng.normal(size=(64, 32, 1, 1)),
+              **bn("feature.1.bn2", 64),
+              "feature.3.binary_pw_down1.weight": rng.normal(size=(128, 128, 1, 1)),
+              "feature.3.binary_pw_down2.weight": rng.normal(size=(128, 128, 1, 1)),
+              **bn("feature.3.bn2_1", 128), **bn("feature.3.bn2_2", 128)}
+    want = reactnet_a.from_official_state_dict(used)
+    got = reactnet_a.from_official_state_dict({**used, **unused})
+    assert sorted(flat(got["params"])) == sorted(flat(want["params"]))
+    assert sorted(flat(got["batch_stats"])) == sorted(flat(want["batch_stats"]))
+    for col in ("params", "batch_stats"):
+      for k, v in flat(want[col]).items():
+        np.testing.assert_array_equal(flat(got[col])[k], v)
+
   def test_unknown_keys_are_listed(self):
     with pytest.raises(ValueError, match=r"feature\.1\.conv2\.weight.*'head\.bias'"):
       reactnet_a.from_official_state_dict({"feature.1.conv2.weight": np.zeros((1,)),

@@ -256,6 +256,13 @@ def from_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict]:
   conversion is linear (reshapes, transposes, one sign flip: ``gamma =
   -move12.bias``), so it also maps gradients.
 
+  S2-BNN's copy of the network (szq0214/S2-BNN ``ReActNet.py``) creates
+  ``binary_pw`` + ``bn2`` and ``binary_pw_down{1,2}`` + ``bn2_{1,2}`` in
+  every block and uses one pair: the unused one is dropped (a block doubles
+  when its ``binary_pw`` maps ``c`` to ``2c`` channels). Its MoCo wrapper's
+  ``encoder_q.`` prefix and MLP head are not read here: strip the prefix and
+  pass ``fc.0.*`` as ``fc.*``.
+
   Args:
     state_dict: parameter name -> array (numpy or CPU torch tensors), or the
       official training script's checkpoint dict holding it as
@@ -290,6 +297,19 @@ def from_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict]:
   if unknown:
     raise ValueError(f"not parameters of the official ReActNet-A (liuzechun/ReActNet "
                      f"mobilenet/reactnet.py): {unknown}")
+  _drop_unused_pointwise(variables)
   if not variables["batch_stats"]:
     del variables["batch_stats"]
   return variables
+
+
+def _drop_unused_pointwise(variables: dict[str, dict]) -> None:
+  """Keeps, per block, the 1x1 conv(s) its shape uses (see S2-BNN above)."""
+  for block, p in variables["params"].items():
+    if "conv2" not in p or not {"conv2_1", "conv2_2"} & set(p):
+      continue
+    _, _, cin, cout = p["conv2"]["kernel"].shape
+    unused = ("conv2", "bn2") if cout != cin else ("conv2_1", "conv2_2", "bn2_1", "bn2_2")
+    for col in variables.values():
+      for name in unused:
+        col.get(block, {}).pop(name, None)
