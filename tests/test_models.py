@@ -89,6 +89,9 @@ EXPECTED_PARAMS = {
         + [(256, 512)] + [(512, 512)] * 3)),
 }
 EXPECTED_PARAMS["reactnet18_fp"] = EXPECTED_PARAMS["reactnet18"]
+# torchvision's resnet18/34/50 (1000 classes), as its model docs list them;
+# tests/test_models_tv_resnet.py also counts the torchvision modules.
+EXPECTED_PARAMS.update(tv_resnet18=11_689_512, tv_resnet34=21_797_672, tv_resnet50=25_557_032)
 
 RESNET18_BINARY = [f"stage{s}_block{b}/conv{c}" for s in (1, 2, 3, 4) for b in (1, 2)
                    for c in (1, 2)]
@@ -240,7 +243,8 @@ class BinaryForwardTest(parameterized.TestCase):
 
   def test_fp_twins_sow_nothing(self):
     for name in models.MODEL_NAMES:
-      self.assertEqual(name.endswith("_fp"), layers.BINARY_ACTS not in shapes(name), name)
+      full_precision = name.endswith("_fp") or name.startswith("tv_")  # tv_*: FP teachers
+      self.assertEqual(full_precision, layers.BINARY_ACTS not in shapes(name), name)
     x = normal((2, 8, 8, 3))
     logits, acts = forward(models.get_model("resnet20_fp"), fake_variables("resnet20_fp"), x)
     self.assertEqual(acts, {})
