@@ -337,14 +337,18 @@ def _exporter(model, model_name):
 
 def check_exportable(model, model_name: str) -> None:
   """Raises :class:`NotExportableError` naming the model and the reason."""
+  iq = getattr(model, "input_quantizer", None)
+  kq = getattr(model, "kernel_quantizer", None)
+  # Checked first: a full-precision model (an FP twin, a tv_resnet teacher) has
+  # nothing to pack whatever its class.
+  if iq is not None and kq is not None and binarize.is_identity(iq) and binarize.is_identity(kq):
+    twin = " Export its binary twin (the name without '_fp')." if model_name.endswith("_fp") else ""
+    raise NotExportableError(
+        f"model {model_name!r} is full precision (identity quantizers): it has no binary "
+        f"layers to pack.{twin}")
   _exporter(model, model_name)
   if isinstance(model, resnet.ResNet) and _block_kind(model.block_cls) is None:
     raise NotExportableError(_no_block_exporter(model, model_name))
-  iq, kq = model.input_quantizer, model.kernel_quantizer
-  if binarize.is_identity(iq) and binarize.is_identity(kq):
-    raise NotExportableError(
-        f"model {model_name!r} is full precision (identity quantizers): it has no binary "
-        "layers to pack. Export its binary twin (the name without '_fp').")
   if binarize.is_identity(iq) or binarize.is_identity(kq):
     raise NotExportableError(
         f"model {model_name!r} binarizes only its {'kernels' if binarize.is_identity(iq) else 'inputs'}; "
