@@ -27,9 +27,11 @@ from itself, and how this module resolves it:
   released); here stage 1 uses the real weights, stage 2 the commented code.
 * Its latent weights start at ``uniform(0, 0.001)`` (all positive); here
   Flax's usual initialisers apply (stage 2 starts from stage 1 anyway).
-* The paper and README name Bulat et al.'s reverse-order initialisation and
-  KD from a ResNet-34; neither the training script nor the teacher is
-  released (``configs/sdbnn_imagenet.py`` states the choices made).
+* The README names Bulat et al.'s training methods (PReLU, reverse-order
+  initialisation, i.e. binary activations before binary weights, which the
+  two stages are, and knowledge distillation) and the model file a ResNet-34
+  teacher; no training script or teacher is released
+  (``configs/sdbnn_imagenet.py`` states the choices made).
 
 References:
   Xue et al., "Self-Distribution Binary Neural Networks", 2021 (arXiv:2103.02394).
