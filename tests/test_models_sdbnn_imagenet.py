@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cmim_jax import binarize, layers, losses, models
+from cmim_jax import layers, losses, models, quantizers
 from cmim_jax.models import sdbnn_imagenet
 
 KEY = jax.random.key(0, impl="rbg")
@@ -70,7 +70,7 @@ def test_wsd_ste_weight_against_numpy():
                              * mean, rtol=1e-10)
   with pytest.raises(ValueError, match=r"a must have shape \(5,\)"):
     sdbnn_imagenet.wsd_ste_weight(jnp.ones((3, 3, 4, 5)), jnp.ones((4,)))
-  assert binarize.owned_params("wsd_ste_weight")[0][0] == "a"
+  assert quantizers.owned_params("wsd_ste_weight")[0][0] == "a"
 
 
 def test_unknown_keys_are_listed():

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmim_jax import binarize, layers
+from cmim_jax import binarize, layers, quantizers
 from cmim_jax.models import birealnet, registry
 
 Array = jax.Array
@@ -83,10 +83,10 @@ def wsd_ste_weight(w: Array, a: Array) -> Array:
   return binarize.ste_sign(w + (jax.nn.sigmoid(a) * 0.01 * mean).astype(w.dtype), clip=1.0)
 
 
-binarize.register(binarize.Quantizer(
+quantizers.register(quantizers.Quantizer(
     "wsd_ste_weight", wsd_ste_weight,
-    params=(("a", binarize.ParamSpec(lambda shape: (shape[-1],),
-                                     jax.nn.initializers.zeros)),)))
+    params=(("a", quantizers.ParamSpec(lambda shape: (shape[-1],),
+                                       jax.nn.initializers.zeros)),)))
 
 
 @registry.register_part("PReLU")
