@@ -91,6 +91,11 @@ EXPECTED_PARAMS = {
 EXPECTED_PARAMS["reactnet18_fp"] = EXPECTED_PARAMS["reactnet18"]
 # torchvision's resnet18/34/50 (1000 classes), as its model docs list them;
 # tests/test_models_tv_resnet.py also counts the torchvision modules.
+# SD-BNN ImageNet: ASD (c_in -> c_in/8 -> c_in), WSD's a and PReLU's slope
+# (c_out each) per binary unit (hand count in test_models_sdbnn_imagenet.py).
+EXPECTED_PARAMS["birealnet18_sdbnn"] = 11_689_512 + sum(2 * ci * (ci // 8) + 2 * co for ci, co in (
+    [(64, 64)] * 4 + [(64, 128)] + [(128, 128)] * 3 + [(128, 256)] + [(256, 256)] * 3
+    + [(256, 512)] + [(512, 512)] * 3))
 EXPECTED_PARAMS.update(tv_resnet18=11_689_512, tv_resnet34=21_797_672, tv_resnet50=25_557_032)
 # ReActNet-A (hand count in test_models_reactnet_a.py): 1000 classes at 224,
 # 10 for the CIFAR variant; the FP twins have the same parameters.

@@ -12,8 +12,9 @@ Stem, shortcuts with weights other than binary ones, and the classifier stay
 float32.
 
 Supported: :class:`cmim_jax.models.ResNet` (``BasicBlock``,
-``BiRealBlock``, Bi-Real Net's ``BiRealNetBlock`` and ReActNet's, which adds
-RPReLU after each add; every shortcut kind and stem) and
+``BiRealBlock``, Bi-Real Net's ``BiRealNetBlock`` and ReActNet's and SD-BNN
+ImageNet's, which add RPReLU / PReLU after each add; every shortcut kind and
+stem) and
 :class:`cmim_jax.models.VGGSmall`, with sign-forward input quantizers, any
 weight quantizer whose output is ``+-alpha_c`` per output channel, and the
 SD-BNN ASD and ReActNet RSign input shifts; ReActNet-A
@@ -31,7 +32,7 @@ import numpy as np
 
 from cmim_jax import binarize, layers
 from cmim_jax.export import infer, pack_reactnet_a
-from cmim_jax.models import birealnet, common, reactnet_a, resnet, vgg
+from cmim_jax.models import birealnet, common, reactnet_a, resnet, sdbnn_imagenet, vgg
 
 
 class NotExportableError(ValueError):
@@ -179,6 +180,13 @@ class _Builder:
     self.add("rprelu", path, src, src if dst is None else dst,
              {k: _float(p[k]) for k in ("gamma", "slope", "zeta")})
 
+  def prelu(self, path, src="x", dst=None):
+    # A PReLU is an RPReLU with zero shifts: x - 0 and + 0 are exact, so the
+    # packed op gives the training model's values bit for bit.
+    slope = _float(self._get(self.params, path)["slope"])
+    self.add("rprelu", path, src, src if dst is None else dst,
+             {"gamma": np.zeros_like(slope), "slope": slope, "zeta": np.zeros_like(slope)})
+
   def dense(self, path):
     p = self._get(self.params, path)
     arrays = {"kernel": _float(p["kernel"])}
@@ -225,9 +233,10 @@ def _resnet(b: _Builder, m: resnet.ResNet) -> None:
         b.bn(f"{name}/bn2", "y")
         b.op("add", f"{name}/add2", "y", "x", src2="h")
         b.op("hardtanh", f"{name}/act2")
-      elif kind in ("birealnet", "reactnet"):
-        # Bi-Real Net: nothing after the adds; ReActNet: RPReLU after each.
-        post = b.rprelu if kind == "reactnet" else None
+      elif kind in ("birealnet", "reactnet", "prelu"):
+        # Bi-Real Net: nothing after the adds; ReActNet: RPReLU after each;
+        # SD-BNN ImageNet: PReLU after each.
+        post = {"reactnet": b.rprelu, "prelu": b.prelu}.get(kind)
         b.bconv(f"{name}/conv1", strides=strides, padding=1, dst="y")
         sc = _shortcut(b, name, channels, width, strides, m.shortcut)
         b.bn(f"{name}/bn1", "y")
@@ -254,7 +263,8 @@ _BLOCKS = (resnet.BasicBlock, resnet.BiRealBlock, birealnet.BiRealNetBlock)
 def _block_kind(block) -> str | None:
   """The packed layout of a ResNet block class, or None if there is none.
 
-  ReActNet's block is ``partial(BiRealNetBlock, post_add=RPReLU)``; any other
+  ReActNet's block is ``partial(BiRealNetBlock, post_add=RPReLU)``, SD-BNN
+  ImageNet's ``partial(BiRealNetBlock, post_add=PReLU)``; any other
   ``post_add`` (or other bound field) would change the forward pass, so only
   that exact partial is recognised.
   """
@@ -271,6 +281,8 @@ def _block_kind(block) -> str | None:
       return "birealnet"
     if post is layers.RPReLU:
       return "reactnet"
+    if post is sdbnn_imagenet.PReLU:
+      return "prelu"
   return None
 
 
@@ -283,7 +295,7 @@ def _no_block_exporter(m: resnet.ResNet, model_name: str) -> str:
     block = getattr(block, "__name__", block)
   return (f"model {model_name!r}: block {block} has no packed exporter "
           f"({', '.join(c.__name__ for c in _BLOCKS)} and "
-          "BiRealNetBlock(post_add=RPReLU) do).")
+          "BiRealNetBlock(post_add=RPReLU or PReLU) do).")
 
 
 def _shortcut(b: _Builder, name: str, cin: int, cout: int, strides: int, kind: str) -> str:

@@ -1,6 +1,7 @@
-"""Binary networks (CIFAR; ImageNet ``birealnet18``, ``reactnet18``, ``reactnet_a``),
-their full-precision twins and torchvision-layout FP ImageNet ResNets
-(``tv_resnet18/34/50``), registered by name (see :mod:`cmim_jax.models.registry`).
+"""Binary networks (CIFAR; ImageNet ``birealnet18``, ``reactnet18``,
+``birealnet18_sdbnn``, ``reactnet_a``), their full-precision twins and
+torchvision-layout FP ImageNet ResNets (``tv_resnet18/34/50``), registered by
+name (see :mod:`cmim_jax.models.registry`).
 
 Every model is a Flax module with fields ``num_classes``, ``input_quantizer``,
 ``kernel_quantizer``, ``bn_axis_name`` and ``dtype``, called as
@@ -29,7 +30,7 @@ from cmim_jax.models.registry import (config_section, default_model, from_config
                                       get_model, import_modules, model_fields, names,
                                       part_names, register, register_part)
 # Importing the model modules registers their models.
-from cmim_jax.models import birealnet, reactnet_a, resnet, tv_resnet, vgg  # noqa: E402  pylint: disable=g-bad-import-order
+from cmim_jax.models import birealnet, reactnet_a, resnet, sdbnn_imagenet, tv_resnet, vgg  # noqa: E402  pylint: disable=g-bad-import-order
 from cmim_jax.models.birealnet import BiRealNet18, BiRealNetBlock, ReActNet18
 from cmim_jax.models.reactnet_a import ReActNetA
 from cmim_jax.models.resnet import BasicBlock, BiRealBlock, ResNet, ResNet18, ResNet20

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmim_jax import binarize, layers
+from cmim_jax import layers, quantizers
 from cmim_jax.models import common, registry
 
 Array = jax.Array
@@ -112,8 +112,8 @@ class TVResNet(nn.Module):
   block_cls: ModuleDef = TVBasicBlock
   widths: Sequence[int] = (64, 128, 256, 512)
   num_classes: int = 1000
-  input_quantizer: binarize.QuantizerLike = "identity"
-  kernel_quantizer: binarize.QuantizerLike = "identity"
+  input_quantizer: quantizers.QuantizerLike = "identity"
+  kernel_quantizer: quantizers.QuantizerLike = "identity"
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
 
