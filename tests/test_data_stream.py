@@ -69,7 +69,8 @@ def test_mixed_sizes_stream_into_fixed_batches(folder):
   assert train.steps_per_epoch == 4
   batch = train.get_batch(0)
   assert batch['image'].shape == (6, 32, 32, 3)
-  assert batch['image'].dtype == np.uint8 and set(batch) == {'image', 'label'}
+  assert batch['image'].dtype == np.uint8
+  assert set(batch) == {'image', 'label', 'index'}
   # One epoch reads every example once: the labels of the epoch are the
   # split's, 8 per class.
   labels = np.concatenate([train.get_batch(s)['label'] for s in range(4)])

@@ -46,19 +46,40 @@ def _tensorflow_available() -> bool:
   return True
 
 
-def load(name, data_dir, split_names, *, num_threads, **_):
-  """Loads ``split_names`` of tfds dataset ``name``; never downloads."""
+def open_builder(name, data_dir):
+  """``(builder, where, data_dir)`` of tfds dataset ``name``; never downloads.
+
+  Raises:
+    DataNotFoundError: tfds has no such dataset.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  if data_dir and os.path.isfile(os.path.expanduser(data_dir)):
-    raise _records.DataNotFoundError(
-        f'data.data_dir={data_dir!r} is a file, not a tfds data directory.')
   data_dir = os.path.expanduser(data_dir) if data_dir else None
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise _records.DataNotFoundError(
         f'tfds has no dataset named {name!r}.') from None
-  where = f'tfds {name!r} in {builder.data_dir}'
+  return builder, f'tfds {name!r} in {builder.data_dir}', data_dir
+
+
+def check_split(builder, where: str, split: str) -> None:
+  """Says why ``split`` of ``builder`` could not be opened, when the reason
+  is that the data is absent or has no such split."""
+  if not builder.is_prepared():
+    # tfds's own error here talks about file formats; the data is absent.
+    raise _records.DataNotFoundError(f'{where} is not prepared.')
+  known = list(builder.info.splits)
+  if split not in known:
+    raise ValueError(f'{where} has no split {split!r}; it has {known}.')
+
+
+def load(name, data_dir, split_names, *, num_threads, **_):
+  """Loads ``split_names`` of tfds dataset ``name``; never downloads."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if data_dir and os.path.isfile(os.path.expanduser(data_dir)):
+    raise _records.DataNotFoundError(
+        f'data.data_dir={data_dir!r} is a file, not a tfds data directory.')
+  builder, where, data_dir = open_builder(name, data_dir)
   features = builder.info.features
   label = features['label'] if 'label' in features else None
   class_names = tuple(label.names) if label is not None else ()
@@ -72,12 +93,7 @@ def load(name, data_dir, split_names, *, num_threads, **_):
       continue
     except Exception as e:  # pylint: disable=broad-except
       error = e
-    if not builder.is_prepared():
-      # tfds's own error here talks about file formats; the data is absent.
-      raise _records.DataNotFoundError(f'{where} is not prepared.')
-    known = list(builder.info.splits)
-    if split not in known:
-      raise ValueError(f'{where} has no split {split!r}; it has {known}.')
+    check_split(builder, where, split)
     if not _tensorflow_available():
       raise _records.DataNotFoundError(
           f'{where} is prepared as {builder.info.file_format}, which needs '
