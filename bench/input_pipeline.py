@@ -13,15 +13,26 @@ Run:
   .venv/bin/python bench/input_pipeline.py [--data PATH] [--batches 200]
 
 ``--imagenet``: ImageNet-style decode + random-resized crop 224 + flip on a
-generated folder of variable-size JPEGs (``--images``, sizes like
-ImageNet's, 250..700 px a side, quality 90; or ``--folder DIR`` of your own
-``*.JPEG``). Each per-image method runs alone in a fresh process pinned to
-one core, so its rate is images/s per core and its peak RSS its own:
+generated folder of variable-size JPEGs (``--images``; or ``--folder DIR``
+of your own ``*.JPEG``). The generated sizes follow ImageNet's train set:
+long side 500 px for about half, 150-499 px for 45%, 1000-3000 px for 3%,
+aspect up to 1.6, three in four landscape; quality 96 without chroma
+subsampling (as most ImageNet JPEGs), ~0.8 bytes per pixel. The JSON gives
+the folder's mean size, share of large (>= 1000 px) images and file size.
+
+Each per-image method runs alone in a fresh process pinned to one core, so
+its rate is images/s per core and its peak RSS its own; ``--rounds`` rounds
+run the methods in turn, and rates and speed-ups are medians over rounds
+(speed-ups: of per-round ratios, so that a drifting load on a shared
+machine moves them less). Each rate is also given without the large images
+(``*_not_large_*``).
 
 * ``pil_baseline``: ``Image.open().convert('RGB')``, crop, resize 224
   bilinear, flip: torchvision's default ``ImageFolder`` +
   ``RandomResizedCrop`` path on PIL images.
-* ``stream_full_decode``: this library's crop (``streaming.decode_crop``)
+* ``decode_only``: the full-size decode alone, no crop, no resize: the
+  ceiling of any method that decodes the whole image.
+* ``stream_full_decode``: this library's crop (``decode.decode_crop``)
   with full-size decoding.
 * ``stream``: the same with reduced-size JPEG decoding, the library's path.
 
@@ -73,7 +84,10 @@ def main(argv=None) -> int:
                       help='--imagenet: a folder of JPEGs instead of '
                       'generated ones')
   parser.add_argument('--workers', type=int, default=0,
-                      help='--imagenet: Grain workers (0: one per core)')
+                      help='--imagenet: Grain workers (0: one per core; '
+                      '-1: skip the pipeline run)')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='--imagenet: rounds of the per-core methods')
   parser.add_argument('--size', type=int, default=224)
   args = parser.parse_args(argv)
   if args.imagenet:
@@ -146,6 +160,32 @@ def main(argv=None) -> int:
 
 # ------------------------------------------------------------ --imagenet
 
+# Long side of the generated images: ImageNet's train JPEGs are mostly 500 px
+# on the long side (Flickr's 'medium' size), a good share smaller, a few
+# camera-size; mostly quality ~96 without chroma subsampling.
+_LARGE = (0.03, 1000, 3000)  # Fraction, long-side range.
+_SMALL = (0.45, 150, 499)
+_MODE = 500
+_LARGE_SIDE = 1000  # Images with a side this long count as 'large'.
+
+
+def _image_sizes(n: int, rng) -> list[tuple[int, int]]:
+  """``n`` (height, width) pairs with ImageNet-like statistics (above)."""
+  import math  # pylint: disable=g-import-not-at-top
+  sizes = []
+  for _ in range(n):
+    u = rng.random()
+    if u < _LARGE[0]:
+      long = int(rng.integers(_LARGE[1], _LARGE[2] + 1))
+    elif u < _LARGE[0] + _SMALL[0]:
+      long = int(rng.integers(_SMALL[1], _SMALL[2] + 1))
+    else:
+      long = _MODE
+    aspect = math.exp(rng.uniform(0.0, math.log(1.6)))
+    short = max(32, round(long / aspect))
+    sizes.append((short, long) if rng.random() < 0.75 else (long, short))
+  return sizes
+
 
 def _make_folder(root: str, n: int) -> list[str]:
   """``n`` JPEGs of ImageNet-like sizes and content in 10 class folders."""
@@ -153,38 +193,61 @@ def _make_folder(root: str, n: int) -> list[str]:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   paths = []
-  for i in range(n):
-    w, h = int(rng.integers(250, 701)), int(rng.integers(250, 601))
-    # Photo-like: a few smooth blobs of colour plus sensor-like noise (pure
-    # noise would make decoding unrealistically slow, flat colour too fast).
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.zeros((h, w, 3), np.float32)
+  for i, (h, w) in enumerate(_image_sizes(n, rng)):
+    # Photo-like: smooth blobs of colour (drawn at 1/8 size and upsampled,
+    # cheap for large images) plus sensor-like noise. The noise sets the
+    # entropy: sigma 5 at quality 96, 4:4:4 gives ~0.8 bytes per pixel,
+    # ImageNet's ~110 kB per ~400x350 image; pure noise would make decoding
+    # unrealistically slow, flat colour too fast.
+    sh, sw = max(8, h // 8), max(8, w // 8)
+    y, x = np.mgrid[0:sh, 0:sw].astype(np.float32)
+    img = np.zeros((sh, sw, 3), np.float32)
     for _ in range(6):
-      cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-      r = rng.uniform(30, 200)
+      cy, cx, r = rng.uniform(0, sh), rng.uniform(0, sw), rng.uniform(4, 25)
       img += rng.uniform(0, 255, 3) * np.exp(
           -((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))[..., None]
-    img = np.clip(img / max(1.0, img.max() / 255) + rng.normal(0, 8, img.shape),
-                  0, 255)
+    img = Image.fromarray((img / max(1.0, img.max() / 255)).astype(np.uint8))
+    img = np.asarray(img.resize((w, h), Image.BILINEAR), np.float32)
+    img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
     d = os.path.join(root, 'train', f'n{i % 10:08d}')
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f'{i:06d}.JPEG')
-    Image.fromarray(img.astype(np.uint8)).save(path, quality=90)
+    Image.fromarray(img).save(path, quality=96, subsampling=0)
     paths.append(path)
   return paths
 
 
+def _folder_stats(paths: list) -> dict:
+  """Mean size, share of large images and mean file size of ``paths``."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  sizes = []
+  for p in paths:
+    with Image.open(p) as im:
+      sizes.append(im.size)
+  sizes = np.array(sizes)
+  return {'mean_width': round(float(sizes[:, 0].mean()), 1),
+          'mean_height': round(float(sizes[:, 1].mean()), 1),
+          'large_fraction': round(float(
+              (sizes.max(1) >= _LARGE_SIDE).mean()), 3),
+          'mean_kb': round(float(np.mean(
+              [os.path.getsize(p) for p in paths])) / 1e3, 1)}
+
+
 def _per_image(method: str, paths: list, size: int, core: int, queue):
-  """Runs one method over ``paths`` in this (fresh) process, on one core."""
+  """Runs one method over ``paths`` in this (fresh) process, on one core;
+  puts (images/s, images/s on the images that are not large, peak RSS)."""
   import resource  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from cmim_jax.data import augment  # pylint: disable=g-import-not-at-top
-  from cmim_jax.data import streaming  # pylint: disable=g-import-not-at-top
+  from cmim_jax.data import decode  # pylint: disable=g-import-not-at-top
   if hasattr(os, 'sched_setaffinity'):
     os.sched_setaffinity(0, {core})
 
   def baseline(data, rng):
+    # torchvision's ImageFolder loader (open + convert('RGB')), then
+    # RandomResizedCrop (crop + resize, bilinear) and RandomHorizontalFlip.
     import io  # pylint: disable=g-import-not-at-top
     with Image.open(io.BytesIO(data)) as im:
       im = im.convert('RGB')
@@ -196,23 +259,35 @@ def _per_image(method: str, paths: list, size: int, core: int, queue):
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
       return np.asarray(im)
 
+  def decode_only(data, rng):
+    # Full-size decode alone: the floor of any method that decodes fully.
+    del rng
+    import io  # pylint: disable=g-import-not-at-top
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+
   def ours(reduced):
-    return lambda data, rng: streaming.decode_crop(
+    return lambda data, rng: decode.decode_crop(
         data, 'bench', size=size, rng=rng, reduced=reduced)
 
-  fn = {'pil_baseline': baseline, 'stream_full_decode': ours(False),
-        'stream': ours(True)}[method]
-  blobs = []
+  fn = {'pil_baseline': baseline, 'decode_only': decode_only,
+        'stream_full_decode': ours(False), 'stream': ours(True)}[method]
+  blobs, large = [], []
   for p in paths:  # Bytes in memory: the rate is decode + crop, not disk.
     with open(p, 'rb') as fh:
       blobs.append(fh.read())
+    with Image.open(p) as im:
+      large.append(max(im.size) >= _LARGE_SIDE)
   for i, b in enumerate(blobs[:10]):  # Warm-up.
     fn(b, np.random.default_rng(i))
-  start = time.perf_counter()
+  seconds = np.zeros(len(blobs))
   for i, b in enumerate(blobs):
+    start = time.perf_counter()
     fn(b, np.random.default_rng(i))
-  seconds = time.perf_counter() - start
-  queue.put((len(blobs) / seconds,
+    seconds[i] = time.perf_counter() - start
+  large = np.array(large)
+  queue.put((len(blobs) / seconds.sum(),
+             (~large).sum() / seconds[~large].sum(),
              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
@@ -239,9 +314,13 @@ def _pipeline(root: str, size: int, workers: int, batch: int, steps: int):
   return steps * batch / seconds, peak
 
 
+METHODS = ('pil_baseline', 'decode_only', 'stream_full_decode', 'stream')
+
+
 def imagenet_main(args) -> int:
   import multiprocessing  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
+  import statistics  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   cores = len(os.sched_getaffinity(0)) if hasattr(
       os, 'sched_getaffinity') else os.cpu_count()
@@ -256,25 +335,39 @@ def imagenet_main(args) -> int:
     root = tmp
     paths = _make_folder(root, args.images)
   result = {'benchmark': 'input_pipeline_imagenet', 'images': len(paths),
-            'size': args.size, 'cores': cores,
-            'loadavg_1min': round(os.getloadavg()[0], 2)}
+            **_folder_stats(paths), 'size': args.size, 'cores': cores,
+            'rounds': args.rounds,
+            'loadavg_1min_start': round(os.getloadavg()[0], 2)}
   try:
     ctx = multiprocessing.get_context('spawn')
     core = sorted(os.sched_getaffinity(0))[-1] if hasattr(
         os, 'sched_getaffinity') else 0
-    for method in ('pil_baseline', 'stream_full_decode', 'stream'):
-      q = ctx.Queue()
-      p = ctx.Process(target=_per_image,
-                      args=(method, paths, args.size, core, q))
-      p.start()
-      rate, rss = q.get()
-      p.join()
-      result[f'{method}_images_per_s_per_core'] = round(rate, 1)
-      result[f'{method}_peak_rss_mb'] = round(rss, 1)
-    result['speedup_vs_pil'] = round(
-        result['stream_images_per_s_per_core']
-        / result['pil_baseline_images_per_s_per_core'], 2)
-    if not args.folder:
+    # Rounds of every method in turn (A B C D A B C D ...): the speed-up is
+    # the median of per-round ratios, which a drifting load moves less.
+    runs = {m: [] for m in METHODS}
+    for _ in range(args.rounds):
+      for method in METHODS:
+        q = ctx.Queue()
+        p = ctx.Process(target=_per_image,
+                        args=(method, paths, args.size, core, q))
+        p.start()
+        runs[method].append(q.get())
+        p.join()
+    for method in METHODS:
+      rates, typical, rss = zip(*runs[method])
+      result[f'{method}_images_per_s_per_core'] = round(
+          statistics.median(rates), 1)
+      result[f'{method}_not_large_images_per_s_per_core'] = round(
+          statistics.median(typical), 1)
+      result[f'{method}_peak_rss_mb'] = round(max(rss), 1)
+    base = runs['pil_baseline']
+    for method, key in (('stream', 'speedup_vs_pil'),
+                        ('decode_only', 'decode_only_vs_pil')):
+      result[key] = round(statistics.median(
+          r[0] / b[0] for r, b in zip(runs[method], base)), 2)
+      result[key + '_not_large'] = round(statistics.median(
+          r[1] / b[1] for r, b in zip(runs[method], base)), 2)
+    if not args.folder and args.workers >= 0:
       workers = args.workers or cores
       batch = args.batch_size
       steps = max(1, (2 * len(paths)) // batch)
@@ -287,6 +380,7 @@ def imagenet_main(args) -> int:
   finally:
     if tmp:
       shutil.rmtree(tmp, ignore_errors=True)
+  result['loadavg_1min_end'] = round(os.getloadavg()[0], 2)
   print(json.dumps(result))
   return 0
 

@@ -4,6 +4,8 @@ The streaming iterator's whole state is the next step: a batch is a pure
 function of (seed, step) (data/streaming.py), and the checkpoint holds the
 step. So a run killed mid-epoch and resumed sees the same remaining batches
 in the same order, here even with another number of worker processes.
+CMIM draws its negatives from memory banks indexed by the streamed batches'
+'index', so the banks (checkpointed too) must also come back identical.
 """
 
 import json
@@ -38,6 +40,8 @@ def stream_run_config(root, workers):
   config.keep_checkpoints = 5
   config.log_every_steps = 1
   config.cmim.embed_dim = 8
+  config.cmim.negatives = 'memory'  # Needs batch['index'].
+  config.cmim.num_negatives = 16
   config.model.stage_sizes = (1, 1, 1)
   config.optimizer = 'sgd'
   config.learning_rate = 0.1

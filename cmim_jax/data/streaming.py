@@ -29,6 +29,7 @@ at exit is closed then, which releases the workers' shared memory.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -126,8 +127,8 @@ class _Counted:
   stream (its workers and their shared memory) when closed, dropped, or
   still open at interpreter exit."""
 
-  def __init__(self, it, owner):
-    self._it, self._owner = it, owner
+  def __init__(self, it, owner, grain: bool):
+    self._it, self._owner, self._grain = it, owner, grain
     # A finalizer, not __del__: it also runs at exit, before the
     # multiprocessing resource tracker reports the shared memory as leaked.
     self._finalizer = weakref.finalize(self, _close, it)
@@ -136,7 +137,24 @@ class _Counted:
     return self
 
   def __next__(self):
-    batch = next(self._it)
+    try:
+      raw = next(self._it)
+    except StopIteration:
+      if not self._grain:
+        raise
+      # An exhausted Grain stream keeps the last batch of each worker in a
+      # reference cycle (its worker thread's frame), so its shared memory
+      # is unlinked only by the garbage collector, or reported leaked at
+      # exit: collect now, once per finished pass.
+      self.close()
+      gc.collect()
+      raise
+    # Grain's arrays live in shared memory, unlinked when the array is
+    # freed: one still referenced at exit (the last batch, a jax array
+    # aliasing it) is reported leaked. Own copies free them right away.
+    batch = {k: v if type(v) is np.ndarray else np.array(v)  # pylint: disable=unidiomatic-typecheck
+             for k, v in raw.items()}
+    del raw
     n = int(batch.pop('skipped').sum())
     if n:
       self._owner.corrupt_skipped += n
@@ -161,7 +179,8 @@ class _Streamed:
 
   def _stream(self, start: int, stop: int | None):
     return _Counted(_grain_stream(self._build, start, stop, self._workers,
-                                  self._prefetch), self)
+                                  self._prefetch), self,
+                    grain=self._workers > 0)
 
 
 class StreamTrainData(_Streamed, _iterators.TrainData):
