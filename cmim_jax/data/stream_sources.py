@@ -275,20 +275,21 @@ def open_splits(source: str, name: str, data_dir: str, split_names):
     raise ValueError(f"data.source={source!r} cannot stream; use 'folder', "
                      f"'shards', 'tfds' or 'auto' (or data.pipeline="
                      f"'memory').")
-  looked = []
+  attempts = []
   if source != 'tfds':
+    attempts.append(('folder/shards', lambda: _open_local(
+        source, data_dir, split_names)))
+  if source in ('auto', 'tfds'):
+    attempts.append(('tfds', lambda: _open_tfds(name, data_dir,
+                                                split_names)))
+  looked = []
+  for kind, attempt in attempts:
     try:
-      return _open_local(source, data_dir, split_names)
+      return attempt()
     except _records.DataNotFoundError as e:
       if source != 'auto':
         raise
-      looked.append(f'  - folder/shards: {e}')
-  try:
-    return _open_tfds(name, data_dir, split_names)
-  except _records.DataNotFoundError as e:
-    if source != 'auto':
-      raise
-    looked.append(f'  - tfds: {e}')
+      looked.append(f'  - {kind}: {e}')
   raise _records.DataNotFoundError(
       f'No data found for {name!r} (data.data_dir={data_dir!r}). Looked at:\n'
       + '\n'.join(looked))
