@@ -24,10 +24,10 @@ Each per-image method runs alone in a fresh process pinned to one core and
 is timed in that process's CPU time (so that waiting for the core on a
 loaded machine does not count): its rate is images per CPU-second, i.e.
 per core. Peak RSS is the process's own, and ``*_decode_rss_growth_mb``
-how far decoding raised it over the RSS before the loop (Linux); ``--rounds`` rounds
-run the methods in turn, and rates and speed-ups are medians over rounds
-(speed-ups: of per-round ratios, so that a drifting load on a shared
-machine moves them less). Each rate is also given without the large images
+how far decoding raised it over the RSS before the loop (Linux).
+``--rounds`` rounds run the methods in turn, and rates and speed-ups are
+medians over rounds (speed-ups: of per-round ratios, so that a drifting
+load on a shared machine moves them less). Each rate is also given without the large images
 (``*_not_large_*``).
 
 * ``pil_baseline``: ``Image.open().convert('RGB')``, crop, resize 224

@@ -28,6 +28,7 @@ at exit is closed then, which releases the workers' shared memory.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import gc
 import itertools
@@ -111,10 +112,32 @@ def _grain_stream(fn, start: int, stop: int | None, workers: int,
     # Grain reads its absl flags in the workers; outside an absl app (a
     # notebook, pytest) they would be unparsed. Their defaults are wanted.
     flags.FLAGS(['cmim_jax'], known_only=True)
+  atexit.unregister(_flush_grain_unlinks)  # Keeps one registration.
+  atexit.register(_flush_grain_unlinks)
   ds = grain.MapDataset.range(start, stop if stop is not None else 2**62)
   ds = ds.map(fn).to_iter_dataset()
   return iter(ds.mp_prefetch(grain.MultiprocessingOptions(
       num_workers=workers, per_worker_buffer_size=max(1, prefetch))))
+
+
+def _plain(value):
+  """A plain numpy copy of an ndarray subclass (Grain's shared-memory
+  arrays); anything else as it is."""
+  if isinstance(value, np.ndarray) and value.__class__ is not np.ndarray:
+    return np.array(value)
+  return value
+
+
+def _flush_grain_unlinks() -> None:
+  """Waits for Grain's background thread that unlinks the shared memory of
+  freed arrays: an unlink still queued at exit is reported as a leak."""
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+    pool = shared_memory_array.SharedMemoryArray._del_thread_pool  # pylint: disable=protected-access
+  except (ImportError, AttributeError):  # Another Grain: nothing to wait for.
+    return
+  if pool is not None:
+    pool.apply(int)  # One thread, first in first out: earlier unlinks done.
 
 
 def _close(it) -> None:
@@ -148,12 +171,12 @@ class _Counted:
       # exit: collect now, once per finished pass.
       self.close()
       gc.collect()
+      _flush_grain_unlinks()
       raise
     # Grain's arrays live in shared memory, unlinked when the array is
     # freed: one still referenced at exit (the last batch, a jax array
     # aliasing it) is reported leaked. Own copies free them right away.
-    batch = {k: v if type(v) is np.ndarray else np.array(v)  # pylint: disable=unidiomatic-typecheck
-             for k, v in raw.items()}
+    batch = {k: _plain(v) for k, v in raw.items()}
     del raw
     n = int(batch.pop('skipped').sum())
     if n:
