@@ -46,8 +46,8 @@ def require_index(batch, who: str) -> jax.Array:
   """``batch['index']``, or a ValueError saying that ``who`` needs it."""
   if "index" not in batch:
     raise ValueError(f"{who} needs each example's dataset index (batch['index']), which "
-                     "the in-memory training iterators yield; data.pipeline='stream' does "
-                     "not carry it yet.")
+                     "the training iterators (in-memory and streamed) yield with each "
+                     "training batch; pass batches from cmim_jax's input pipeline.")
   return batch["index"]
 
 
