@@ -244,7 +244,16 @@ def main(argv=None) -> dict:
   xla_tuning.apply()  # As cmim_jax.main: before JAX starts.
   import jax  # pylint: disable=g-import-not-at-top
   xla_tuning.enable_compilation_cache()
+  verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.WARNING if args.quiet else logging.INFO)
+  try:
+    return _run_grid(args, seeds, grid, argv, jax)
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+def _run_grid(args, seeds: list[int], grid: dict[str, list[str]], argv, jax) -> dict:
+  """Trains the teacher (if a setting needs one) and every run; prints and writes the report."""
   verbose = not args.quiet
 
   t0 = time.time()
