@@ -122,6 +122,10 @@ def run_config(args, overrides: list[str], *, seed: int, steps: int):
   config = load_config(args.config)
   for override in list(args.override) + list(overrides):
     apply_override(config, override)
+  if not config.data.eval_split or config.data.eval_split == config.data.train_split:
+    raise ValueError(f"data.eval_split={config.data.eval_split!r} gives no held-out number "
+                     f"(data.train_split={config.data.train_split!r}); name a split that "
+                     "training does not see, e.g. data.eval_split=test.")
   config.seed = seed
   config.num_train_steps = steps
   # One evaluation, at the last step: the number in the table, chosen by no one.

@@ -52,6 +52,9 @@ def test_bad_grid_fails_before_training(tmp_path):
     ablate.main(["--settings", "ce,nope", "--out", str(tmp_path)])
   with pytest.raises(ValueError, match="no key 'cmim.nope'"):
     ablate.main(["--settings", "", "--setting", "mine", "cmim.nope=1", "--out", str(tmp_path)])
+  with pytest.raises(ValueError, match="no held-out number"):
+    ablate.main(["--settings", "ce", "--override", "data.eval_split=train", "--out",
+                 str(tmp_path)])
   assert not os.listdir(tmp_path)  # Nothing was trained.
 
 
