@@ -12,6 +12,7 @@ with one entry per call. ``init`` returns that collection too: drop it before
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -77,6 +78,63 @@ def _latent_kernel(module: nn.Module, shape: tuple[int, ...],
   return jnp.asarray(w_b, module.dtype)
 
 
+def _conv(x: Array, w: Array, strides, padding) -> Array:
+  return jax.lax.conv_general_dilated(
+      x, w, window_strides=strides, padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _unit_and_scale(w: Array) -> tuple[Array, Array]:
+  """``w = unit * scale`` with ``scale = max |w|`` per output channel (last axis).
+
+  Entries with ``|w| == scale`` (all of them in a ``+-alpha_c`` kernel) get
+  exactly ``+-1``, set rather than divided: XLA rewrites a division by a
+  broadcast vector as a product with its reciprocal, which is not exact.
+  Other entries (a kernel quantizer with more levels) are ``w / scale``; an
+  all-zero channel gets scale 1 so nothing divides by 0.
+  """
+  scale = jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
+  scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+  unit = jnp.where(jnp.abs(w) == scale, jnp.where(w >= 0, 1, -1).astype(w.dtype), w / scale)
+  return unit, scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def scale_after_conv(x: Array, w: Array, strides, padding) -> Array:
+  r"""``conv(x, w)`` computed as ``conv(x, w / alpha) * alpha``, ``alpha = max|w|`` per
+  output channel; its gradients are exactly those of ``conv(x, w)``.
+
+  Why: with ``x`` and ``w / alpha`` both ``+-1`` every partial sum of the
+  float convolution is an integer, exact in float32 below :math:`2^{24}`, so
+  the result is the exact integer dot product times ``alpha``, rounded once:
+  the same float32 value XNOR-popcount inference (``cmim_jax.export``)
+  computes. Convolving ``sign(x)`` with ``+-alpha`` directly rounds every
+  partial sum, so near zero it can differ in sign from the exact value and
+  flip the next layer's binarization.
+
+  Forward: :math:`y = (x \ast \hat w)\,\alpha`, :math:`\hat w = w / \alpha`,
+  mathematically equal to :math:`x \ast w`. Backward: the vector-Jacobian
+  product of :math:`x \ast w` (the same cotangents for ``x`` and ``w`` as a
+  plain convolution, bit for bit; ``alpha`` carries no gradient of its own
+  because the product does not depend on it).
+  """
+  unit, scale = _unit_and_scale(w)
+  return _conv(x, unit, strides, padding) * scale
+
+
+def _scale_after_conv_fwd(x, w, strides, padding):
+  return scale_after_conv(x, w, strides, padding), (x, w)
+
+
+def _scale_after_conv_bwd(strides, padding, res, g):
+  x, w = res
+  _, vjp = jax.vjp(lambda x, w: _conv(x, w, strides, padding), x, w)
+  return vjp(g)
+
+
+scale_after_conv.defvjp(_scale_after_conv_fwd, _scale_after_conv_bwd)
+
+
 class BinaryConv(nn.Module):
   """2-D convolution on quantized inputs with a quantized latent kernel.
 
@@ -121,9 +179,12 @@ class BinaryConv(nn.Module):
     padding = self.padding
     if isinstance(padding, int):
       padding = ((padding, padding),) * 2
-    return jax.lax.conv_general_dilated(
-        x_b, w_b, window_strides=strides, padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if not isinstance(padding, str):  # hashable: a static argument below
+      padding = tuple(tuple(int(v) for v in p) for p in padding)
+    if binarize.is_identity(self.kernel_quantizer):
+      # A real kernel (the FP twins) has no per-channel scale to factor out.
+      return _conv(x_b, w_b, strides, padding)
+    return scale_after_conv(x_b, w_b, strides, padding)
 
   def effective_kernel(self, schedule: Schedule = None) -> Array:
     """The binarized kernel (use with ``apply(..., method='effective_kernel')``)."""

@@ -187,7 +187,11 @@ def _batch_norm(x, a):
   # The same float operations, in the same order, as flax.linen.BatchNorm in
   # eval mode (not a fused a * x + b, which rounds differently), so that the
   # values the next layer binarizes match the training model's.
-  mul = jax.lax.rsqrt(a["var"] + a["eps"])
+  # The barrier keeps XLA from folding rsqrt of the constant variance at
+  # compile time: folding rounds differently in the last bit from the rsqrt
+  # the training model computes at run time on its variables.
+  var = jax.lax.optimization_barrier(a["var"])
+  mul = jax.lax.rsqrt(var + a["eps"])
   mul = mul * a["scale"]
   return (x - a["mean"]) * mul + a["bias"]
 
