@@ -239,3 +239,78 @@ class ActivationModulesTest(parameterized.TestCase):
     shift = 1 / (1 + np.exp(-(np.maximum(gap @ w1, 0) @ w2)))
     np.testing.assert_allclose(np.asarray(apply(asd, {"params": params}, x)),
                                np.asarray(x) + shift[:, None, None, :], rtol=1e-5, atol=1e-6)
+
+
+class ScaleAfterConvTest(chex.TestCase, parameterized.TestCase):
+  """The binary conv convolves +-1 with +-1 and multiplies by the scale after,
+  so that training/eval and packed XNOR-popcount inference agree exactly."""
+
+  @staticmethod
+  def _np_int_conv(xs, ws):
+    """Zero-padded (1, 1) stride-1 integer convolution, int64."""
+    b, h, w, _ = xs.shape
+    kh, kw, _, o = ws.shape
+    xp = np.pad(xs, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((b, h, w, o), np.int64)
+    for i in range(kh):
+      for j in range(kw):
+        out += np.einsum("bhwc,co->bhwo", xp[:, i:i + h, j:j + w], ws[i, j])
+    return out
+
+  def test_forward_is_the_exact_integer_dot_times_alpha(self):
+    x = images((2, 6, 6, 64), seed=5)
+    layer = layers.BinaryConv(16, (3, 3), padding=1, input_quantizer="approx_sign",
+                              kernel_quantizer="xnor_weight")
+    variables = init(layer, x)
+    y = np.asarray(apply(layer, variables, x))
+    latent = np.asarray(variables["params"]["kernel"])
+    w_b = np.asarray(apply(layer, variables, method="effective_kernel"))
+    alpha = np.abs(w_b).reshape(-1, 16).max(0)
+    dot = self._np_int_conv(np_sign(x).astype(np.int64), np_sign(latent).astype(np.int64))
+    want = dot.astype(np.float32) * alpha  # one float32 rounding, as packed inference
+    np.testing.assert_array_equal(y, want)
+    # The property is not automatic: summing +-alpha terms in float32 rounds
+    # every partial sum, and differs from the exact value somewhere.
+    plain = np.asarray(ref_conv(jnp.asarray(np_sign(x), jnp.float32), w_b, 1, ((1, 1), (1, 1))))
+    self.assertFalse(np.array_equal(plain, want))
+    np.testing.assert_allclose(plain, want, rtol=1e-5, atol=1e-5)
+
+  @parameterized.parameters(("ste_sign", "xnor_weight"), ("ede_sign", "irnet_weight"),
+                            ("approx_sign", "wsd_weight"))
+  def test_gradients_are_those_of_the_plain_conv_bit_for_bit(self, input_q, kernel_q):
+    x = images((2, 6, 6, 8), seed=6)
+    layer = layers.BinaryConv(5, (3, 3), strides=2, padding=1, input_quantizer=input_q,
+                              kernel_quantizer=kernel_q)
+    params = init(layer, x, SCHED)["params"]
+    cot = normal((2, 3, 3, 5), seed=7)
+    def new(p, x):
+      return jnp.sum(cot * layer.apply({"params": p}, x, SCHED))
+    def plain(p, x):  # the conv before the change: sign(x) convolved with Wb
+      x_b = binarize.get(input_q)(x, **SCHED)
+      w_b = layers.effective_kernel(p, kernel_q, SCHED)
+      y = jax.lax.conv_general_dilated(x_b, w_b, (2, 2), ((1, 1), (1, 1)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return jnp.sum(cot * y)
+    got = jax.jit(jax.grad(new, argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.grad(plain, argnums=(0, 1)))(params, x)
+    chex.assert_trees_all_equal(got, want)
+    self.assertGreater(float(jnp.abs(got[0]["kernel"]).max()), 0.0)
+    self.assertGreater(float(jnp.abs(got[1]).max()), 0.0)
+
+  def test_any_kernel_is_the_same_conv_and_zero_channels_stay_finite(self):
+    """Kernels that are not +-alpha (more levels, an all-zero channel) still
+    give conv(x, w) up to rounding, with no 0/0."""
+    rng = np.random.default_rng(8)
+    w = rng.normal(size=(3, 3, 4, 3)).astype(np.float32)
+    w[..., 1] = 0.0
+    w[..., 2] = np.where(w[..., 2] >= 0, 0.25, -0.25)
+    unit, scale = jax.jit(layers._unit_and_scale)(jnp.asarray(w))  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.asarray(scale)[1:], [1.0, 0.25])
+    np.testing.assert_array_equal(np.asarray(unit)[..., 2], np_sign(w[..., 2]))
+    np.testing.assert_allclose(np.asarray(unit * scale), w, rtol=1e-6)
+    x = images((1, 5, 5, 4), seed=9)
+    y = jax.jit(functools.partial(layers.scale_after_conv, strides=(1, 1),
+                                  padding=((1, 1), (1, 1))))(x, jnp.asarray(w))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref_conv(x, w, 1, ((1, 1), (1, 1)))),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(y)[..., 1], 0.0)
