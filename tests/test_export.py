@@ -276,3 +276,21 @@ def _leaf(tree, path):
   for p in path.split("/"):
     tree = tree[p]
   return tree
+
+
+@pytest.mark.slow  # ~6 s alone, ~40 s on a 2-core CPU shared with other jobs
+def test_birealnet18_at_224_is_bit_exact():
+  """Bi-Real Net-18 at ImageNet size (the largest activations, 112x112x64
+  after the stem): the training model's binary conv sums exact integers and
+  scales after, so the packed logits are the eval logits themselves. (When the
+  float conv summed +-alpha terms, its rounding flipped signs near zero and
+  the logits differed by up to 1e-4 of their range.)"""
+  model = models.get_model("birealnet18", num_classes=1000)
+  shape = (224, 224, 3)
+  v = randomized_variables(model, shape, seed=11)
+  body, arrays = pack.pack_model(model, v, input_shape=shape, mean=0.5, std=0.25,
+                                 model_name="birealnet18")
+  r = export.compare(export.PackedModel(body, arrays), model, v, _images(shape, n=3))
+  assert r["argmax_agree"] == 1.0 and r["max_abs_diff"] <= 1e-6 * r["max_abs_logit"], r
+  if jax.default_backend() == "cpu":  # the same float32 operations, in the same order
+    assert r["bit_exact"] == 1.0, r
