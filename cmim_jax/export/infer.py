@@ -183,17 +183,30 @@ def _pairs(p) -> tuple[tuple[int, int], tuple[int, int]]:
   return tuple(tuple(int(v) for v in q) for q in p)  # type: ignore[return-value]
 
 
-def _batch_norm(x, a):
-  # The same float operations, in the same order, as flax.linen.BatchNorm in
-  # eval mode (not a fused a * x + b, which rounds differently), so that the
-  # values the next layer binarizes match the training model's.
-  # The barrier keeps XLA from folding rsqrt of the constant variance at
-  # compile time: folding rounds differently in the last bit from the rsqrt
-  # the training model computes at run time on its variables.
-  var = jax.lax.optimization_barrier(a["var"])
-  mul = jax.lax.rsqrt(var + a["eps"])
-  mul = mul * a["scale"]
-  return (x - a["mean"]) * mul + a["bias"]
+def bn_multipliers(bns: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> list[np.ndarray]:
+  """``rsqrt(var + eps) * scale`` of each BatchNorm, computed at run time on the device.
+
+  ``flax.linen.BatchNorm`` computes this product at run time from its
+  variables; XLA folding it at compile time from constants (as it would in
+  the packed program) rounds ``rsqrt`` differently in the last bit, and a
+  last-bit change can flip a downstream sign. So it is computed here, once,
+  by a jitted function that takes the variances as arguments, on the default
+  backend (the one the training model's eval forward would use).
+  """
+  if not bns:
+    return []
+  fn = jax.jit(lambda vs, ss, es: [jax.lax.rsqrt(v + e) * s for v, s, e in zip(vs, ss, es)])
+  out = fn([jnp.asarray(v, jnp.float32) for v, _, _ in bns],
+           [jnp.asarray(s, jnp.float32) for _, s, _ in bns],
+           [jnp.float32(e) for _, _, e in bns])
+  return [np.asarray(m) for m in out]
+
+
+def _batch_norm(x, mean, mul, bias):
+  # flax.linen.BatchNorm's eval operations in its order, ``(x - mean) * mul
+  # + bias`` (not a fused ``a * x + b``, which rounds differently), so that
+  # the values the next layer binarizes match the training model's.
+  return (x - mean) * mul + bias
 
 
 def _asd(x, a):
@@ -240,6 +253,9 @@ class Program:
     self.mean = np.asarray(mean, np.float32)
     self.std = np.asarray(std, np.float32)
     self._borders: dict[tuple[str, int, int], np.ndarray] = {}
+    bns = [l for l in self.layers if l["op"] == "bn"]
+    muls = bn_multipliers([(self._a(l, "var"), self._a(l, "scale"), float(l["eps"])) for l in bns])
+    self._bn_mul = {l["name"]: m for l, m in zip(bns, muls)}
 
   def _a(self, layer, key):
     return self.arrays[f"{layer['name']}/{key}"]
@@ -292,8 +308,7 @@ class Program:
           x, a("kernel"), window_strides=tuple(layer["strides"]),
           padding=_pairs(layer["padding"]), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if op == "bn":
-      return _batch_norm(x, {k: a(k) for k in ("mean", "var", "scale", "bias")} |
-                         {"eps": np.float32(layer["eps"])})
+      return _batch_norm(x, a("mean"), self._bn_mul[name], a("bias"))
     if op == "channel_add":
       # ReActNet's RSign shift, as layers.RSign adds it (float32 + float32).
       return x + a("bias")
