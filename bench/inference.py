@@ -14,10 +14,14 @@ run instead) and measures, at each batch size:
   kernels on every call, as the training model does), both jitted, on
   normalised float32 images.
 
-Times are medians over ``--repeats`` timed calls after compilation and one
-warm-up call. Weight memory: float32 bytes of the binary layers' latent
-kernels vs their packed bits, and of all eval variables vs the packed file's
-arrays. Last stdout line: one JSON object.
+Timing is paired: after compilation and one warm-up call each, every round
+calls the float and the packed function once each, back to back, and a
+speedup is the median (and quartiles) of the per-round ratios, which a
+shared machine's changing load moves less than a ratio of separate medians;
+times are medians over the ``--repeats`` rounds. Weight memory: float32
+bytes of the binary layers' latent kernels vs their packed bits, and of all
+eval variables vs the packed file's arrays. Last stdout line: one JSON
+object.
 
   python bench/inference.py                          # ResNet-18, batch 1 and 64, CPU
   python bench/inference.py --model resnet20 --batch_sizes 1,256
@@ -60,15 +64,33 @@ def random_variables(model, shape, seed=0):
   return jax.tree_util.tree_map_with_path(draw, {k: shapes[k] for k in ("params", "batch_stats")})
 
 
-def timeit(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))  # compile
-  jax.block_until_ready(fn(*args))  # warm-up
-  times = []
+def paired_times(fns, x, *, repeats):
+  """Times each function on ``x``, interleaved: round r calls every function once.
+
+  On a shared CPU the load moves between rounds; within a round the
+  functions see nearly the same load, so the per-round ratios are steadier
+  than a ratio of separate medians. Each function is compiled and warmed up
+  first.
+
+  Returns:
+    ``{name: [seconds per round]}``.
+  """
+  for fn in fns.values():
+    jax.block_until_ready(fn(x))  # compile
+    jax.block_until_ready(fn(x))  # warm-up
+  times = {name: [] for name in fns}
   for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn(x))
+      times[name].append(time.perf_counter() - t)
+  return times
+
+
+def ratio_stats(num, den):
+  """Median and quartiles of the per-round ratios ``num[r] / den[r]``."""
+  q = np.quantile(np.asarray(num) / np.asarray(den), [0.25, 0.5, 0.75])
+  return {"median": float(q[1]), "q25": float(q[0]), "q75": float(q[2])}
 
 
 def bconv_inputs(program, x):
@@ -161,17 +183,21 @@ def main():
       x = jnp.asarray(rng.normal(size=(b, *in_shape[1:])).astype(np.float32))
       f_fn, p_fn = jax.jit(float_layer), jax.jit(packed_layer)
       # The layer itself must agree before its speed means anything.
-      np.testing.assert_allclose(np.asarray(p_fn(x)),
-                                 np.asarray(f_fn(x)) * program.arrays[f"{layer['name']}/alpha"],
+      # (w_b carries the scale alpha already: no second factor.)
+      np.testing.assert_allclose(np.asarray(p_fn(x)), np.asarray(f_fn(x)),
                                  rtol=1e-5, atol=1e-4)
-      tf, tp = timeit(f_fn, x, repeats=args.repeats), timeit(p_fn, x, repeats=args.repeats)
+      t = paired_times({"float": f_fn, "packed": p_fn}, x, repeats=args.repeats)
+      tf, tp = statistics.median(t["float"]), statistics.median(t["packed"])
+      sp = ratio_stats(t["float"], t["packed"])
       row = {"layer": layer["name"], "input": list(in_shape[1:]), "cout": layer["cout"],
              "strides": layer["strides"], "batch": b, "float_ms": tf * 1e3,
-             "packed_ms": tp * 1e3, "speedup": tf / tp}
+             "packed_ms": tp * 1e3, "speedup": sp["median"],
+             "speedup_iqr": [sp["q25"], sp["q75"]]}
       layer_rows.append(row)
       print(f"  {layer['name']:24s} in {'x'.join(map(str, in_shape[1:])):>10s} -> {layer['cout']:4d} "
             f"s{layer['strides'][0]} batch {b:4d}: float {tf * 1e3:8.3f} ms  packed "
-            f"{tp * 1e3:8.3f} ms  {tf / tp:5.2f}x", flush=True)
+            f"{tp * 1e3:8.3f} ms  {sp['median']:5.2f}x ({sp['q25']:.2f}-{sp['q75']:.2f})",
+            flush=True)
 
   v = {k: variables[k] for k in ("params", "batch_stats")}
   float_fn = jax.jit(lambda x: model.apply(v, x, train=False))
@@ -191,13 +217,18 @@ def main():
     r = np.asarray(float_fn(x)), np.asarray(packed_fn(x))
     agree = float(np.mean(r[0].argmax(-1) == r[1].argmax(-1)))
     np.testing.assert_allclose(np.asarray(cached_fn(x)), r[0], rtol=1e-4, atol=1e-4)
-    tf, tp = timeit(float_fn, x, repeats=args.repeats), timeit(packed_fn, x, repeats=args.repeats)
-    tc = timeit(cached_fn, x, repeats=args.repeats)
+    t = paired_times({"float": float_fn, "cached": cached_fn, "packed": packed_fn}, x,
+                     repeats=args.repeats)
+    tf, tc, tp = (statistics.median(t[k]) for k in ("float", "cached", "packed"))
+    sp, spc = ratio_stats(t["float"], t["packed"]), ratio_stats(t["cached"], t["packed"])
     e2e_rows.append({"batch": b, "float_ms": tf * 1e3, "float_cached_kernels_ms": tc * 1e3,
-                     "packed_ms": tp * 1e3, "speedup": tf / tp, "speedup_vs_cached": tc / tp,
+                     "packed_ms": tp * 1e3, "speedup": sp["median"],
+                     "speedup_iqr": [sp["q25"], sp["q75"]], "speedup_vs_cached": spc["median"],
+                     "speedup_vs_cached_iqr": [spc["q25"], spc["q75"]],
                      "argmax_agree": agree, "max_abs_diff": float(np.max(np.abs(r[0] - r[1])))})
     print(f"  end to end batch {b:4d}: float {tf * 1e3:8.3f} ms (kernels quantized once: "
-          f"{tc * 1e3:8.3f} ms)  packed {tp * 1e3:8.3f} ms  {tf / tp:5.2f}x ({tc / tp:5.2f}x)  "
+          f"{tc * 1e3:8.3f} ms)  packed {tp * 1e3:8.3f} ms  {sp['median']:5.2f}x "
+          f"({sp['q25']:.2f}-{sp['q75']:.2f}; vs cached {spc['median']:5.2f}x)  "
           f"(argmax agree {agree:.3f})", flush=True)
 
   by_batch = {}

@@ -85,15 +85,21 @@ def _conv(x: Array, w: Array, strides, padding) -> Array:
 
 
 def _unit_and_scale(w: Array) -> tuple[Array, Array]:
-  """``w = unit * scale`` with ``scale = max |w|`` per output channel (last axis).
+  """``w = unit * scale`` per output channel (last axis), ``unit`` exactly
+  ``+-1`` where ``w`` is ``+-scale``.
 
+  ``scale`` is ``|w|`` at the channel's first entry (1 where that is 0): for
+  a ``+-alpha_c`` kernel that is ``alpha_c`` itself, read with a slice rather
+  than a reduction over the whole kernel (the training model re-quantizes
+  its kernels on every call; at batch 1 that pass is most of the cost).
   Entries with ``|w| == scale`` (all of them in a ``+-alpha_c`` kernel) get
   exactly ``+-1``, set rather than divided: XLA rewrites a division by a
   broadcast vector as a product with its reciprocal, which is not exact.
-  Other entries (a kernel quantizer with more levels) are ``w / scale``; an
-  all-zero channel gets scale 1 so nothing divides by 0.
+  Any other entry (a kernel quantizer with more levels) is ``w / scale``,
+  which is ``w`` up to rounding: the product ``unit * scale`` is the kernel
+  whatever nonzero scale is chosen.
   """
-  scale = jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
+  scale = jnp.abs(w[(0,) * (w.ndim - 1)])
   scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
   unit = jnp.where(jnp.abs(w) == scale, jnp.where(w >= 0, 1, -1).astype(w.dtype), w / scale)
   return unit, scale
@@ -101,8 +107,9 @@ def _unit_and_scale(w: Array) -> tuple[Array, Array]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def scale_after_conv(x: Array, w: Array, strides, padding) -> Array:
-  r"""``conv(x, w)`` computed as ``conv(x, w / alpha) * alpha``, ``alpha = max|w|`` per
-  output channel; its gradients are exactly those of ``conv(x, w)``.
+  r"""``conv(x, w)`` computed as ``conv(x, w / alpha) * alpha``, ``alpha`` per output
+  channel (see :func:`_unit_and_scale`); its gradients are exactly those of
+  ``conv(x, w)``.
 
   Why: with ``x`` and ``w / alpha`` both ``+-1`` every partial sum of the
   float convolution is an integer, exact in float32 below :math:`2^{24}`, so
