@@ -299,3 +299,24 @@ def test_birealnet18_at_224_matches_eval_tightly():
   # Before: 1.4e-4 of the logits' range here (sign flips from 1e-6 on).
   # Now: the float head's summation order at most (bit-identical on CPU).
   assert r["argmax_agree"] == 1.0 and r["max_abs_diff"] <= 1e-6 * r["max_abs_logit"], r
+
+
+def test_batch_norm_equals_flax_eval_bit_for_bit():
+  """The packed BatchNorm, with its multiplier computed at load time, gives
+  flax.linen.BatchNorm's eval output to the bit (the next layer binarizes it).
+  On these values the multiplier folded by XLA from constants differs by up
+  to 5e-7."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(12)
+  c = 96
+  x = rng.normal(size=(4, 5, 5, c)).astype(np.float32)
+  v = {"params": {"scale": rng.uniform(-2, 2, c).astype(np.float32),
+                  "bias": rng.normal(size=c).astype(np.float32)},
+       "batch_stats": {"mean": rng.normal(size=c).astype(np.float32),
+                       "var": rng.uniform(1e-3, 3, c).astype(np.float32)}}
+  bn = nn.BatchNorm(use_running_average=True, epsilon=1e-5)
+  want = np.asarray(jax.jit(bn.apply)(v, x))
+  (mul,) = infer.bn_multipliers([(v["batch_stats"]["var"], v["params"]["scale"], 1e-5)])
+  got = np.asarray(jax.jit(lambda x: infer._batch_norm(  # pylint: disable=protected-access
+      x, v["batch_stats"]["mean"], mul, v["params"]["bias"]))(x))
+  np.testing.assert_array_equal(got, want)
