@@ -27,7 +27,8 @@ class VGGSmall(nn.Module):
     num_classes: classifier outputs.
     input_quantizer: activation quantizer of every binary conv.
     kernel_quantizer: weight quantizer of every binary conv.
-    input_shift: optional module factory applied before each binary conv's sign.
+    input_shift: optional module factory applied before each binary conv's
+      sign; it must take a ``dtype`` field (it gets the model's).
     widths: channels of conv0..conv5.
     pool_after: indices of the convs followed by a 2x2 max pool.
     bn_axis_name: axis for cross-device BatchNorm statistics.
@@ -52,6 +53,10 @@ class VGGSmall(nn.Module):
     schedule = common.resolve_schedule(schedule)
     norm = common.batch_norm(train, self.bn_axis_name, self.dtype)
     x = jnp.asarray(x, self.dtype)
+    # The shift computes in the model's dtype, as in resnet.ResNet: left at
+    # its own float32 default it rounded float64 inputs to float32.
+    shift = (None if self.input_shift is None
+             else functools.partial(self.input_shift, dtype=self.dtype))
     for i, width in enumerate(self.widths):
       if i == 0:
         x = nn.Conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
@@ -60,7 +65,7 @@ class VGGSmall(nn.Module):
         x = layers.BinaryConv(width, (3, 3), padding=1,
                               input_quantizer=self.input_quantizer,
                               kernel_quantizer=self.kernel_quantizer,
-                              input_shift=self.input_shift, dtype=self.dtype,
+                              input_shift=shift, dtype=self.dtype,
                               name=f"conv{i}")(x, schedule)
       if i in self.pool_after:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
