@@ -97,10 +97,6 @@ def _library_path(name):
 def _assert_tree_close(actual, expected, rtol, what):
   a, e = flat(actual), flat(expected)
   assert sorted(a) == sorted(e), what
-  import os
-  if os.environ.get("DBG"):
-    for k in e:
-      print(what, k, np.abs(np.asarray(a[k]) - e[k]).max() / max(np.abs(e[k]).max(), 1e-30))
   for k in e:
     ref = np.asarray(e[k])
     scale = max(float(np.max(np.abs(ref))), 1e-12)

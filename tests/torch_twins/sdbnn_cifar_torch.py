@@ -9,15 +9,13 @@ structure and parameter names of pingxue-hfut/SD-BNN ``cifar10/ResNet20``
 squeeze-excitation branch, reduction 16) added before its sign, the weight
 ``sigmoid(alpha) * 0.01 * mean`` (per output filter, mean detached) added
 before its sign, no scale factor, and both signs take the EDE gradient
-``k t (1 - tanh^2(t x))``. So ``sdbnn_convert.from_official_state_dict`` reads
+``k t (1 - tanh^2(t x))`` (here written ``k t / cosh^2(t x)``). So ``sdbnn_convert.from_official_state_dict`` reads
 these ``state_dict`` s as it would read the released checkpoints.
 
 Widths (and blocks per stage) are arguments so that tests can run narrow
 copies; the defaults are the official networks. ``k`` and ``t`` are plain
 attributes (not buffers), as in the official code, set by
-:meth:`set_schedule`. The EDE gradient is built with the
-``forward.detach() + f - f.detach()`` form, not a custom autograd function;
-nothing is shared with the JAX code. NCHW tensors, OIHW kernels;
+:meth:`set_schedule`. Nothing is shared with the JAX code. NCHW tensors, OIHW kernels;
 ``torch.sign(0) = 0`` (random real inputs never hit 0).
 """
 from __future__ import annotations
@@ -31,10 +29,27 @@ from torch import nn
 from torch_twins.sdbnn_imagenet_torch import SqueezeShift
 
 
+class _EDESign(torch.autograd.Function):
+  """Exactly ``sign(x)`` forward (the ``detach`` trick would leave values
+  like 0.9999999999999999, and VGG-small's max pools would then break ties
+  among the binary convs' integer outputs differently), the gradient of
+  ``k tanh(t x)`` backward."""
+
+  @staticmethod
+  def forward(ctx, x, k, t):
+    ctx.save_for_backward(x)
+    ctx.k, ctx.t = k, t
+    return torch.sign(x)
+
+  @staticmethod
+  def backward(ctx, g):
+    (x,) = ctx.saved_tensors
+    return g * ctx.k * ctx.t / torch.cosh(ctx.t * x) ** 2, None, None
+
+
 def ede_sign(x: torch.Tensor, k: float, t: float) -> torch.Tensor:
   """``sign(x)`` whose gradient is that of ``k tanh(t x)``."""
-  smooth = k * torch.tanh(t * x)
-  return torch.sign(x).detach() + smooth - smooth.detach()
+  return _EDESign.apply(x, k, t)
 
 
 class SDConv2d(nn.Conv2d):
@@ -57,7 +72,7 @@ class SDConv2d(nn.Conv2d):
   def forward(self, x):
     shifted = x + self.dybeta(x)
     signed = ede_sign(shifted, self.k, self.t)
-    self.a_F, self.a_B = shifted, torch.sign(shifted).detach()
+    self.a_F, self.a_B = shifted, signed.detach()
     return self._conv_forward(signed, self.binary_weight(), None)
 
 
