@@ -217,8 +217,15 @@ def test_registered_network_logits_equal_pytorch_twin(arch):
   x = np.random.default_rng(2).normal(size=(1, 32, 32, 3))
   with torch.no_grad():
     want = twin.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+  # As a DataParallel checkpoint names them (the official trainers save that).
+  state = {f"module.{k}": v for k, v in state.items()}
   with jax.enable_x64(True):
     variables = jax.tree.map(jnp.asarray, sdbnn_convert.from_official_state_dict(state, arch))
+    init_shapes = jax.eval_shape(lambda x: model.init(KEY, x, train=False),
+                                 jax.ShapeDtypeStruct(x.shape, jnp.float64))
+    for col in ("params", "batch_stats"):
+      assert (jax.tree.map(lambda a: a.shape, variables[col])
+              == jax.tree.map(lambda a: a.shape, init_shapes[col])), col
     got = jax.jit(functools.partial(model.apply, train=False)).lower(
         variables, jnp.asarray(x)).compile(FAST_COMPILE)(variables, jnp.asarray(x))
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())

@@ -80,7 +80,9 @@ def from_official_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict[s
   classifier, a reordering of its inputs), so it also converts gradients.
 
   Args:
-    state_dict: name -> array (numpy or CPU torch tensors).
+    state_dict: name -> array (numpy or CPU torch tensors), e.g.
+      ``torch.load(path, map_location='cpu')['state_dict']`` of a checkpoint
+      the official trainers saved.
     arch: one of ``ARCHS``.
 
   Returns:
