@@ -49,7 +49,6 @@ def _randomize(twin, seed):
   and FP weights fan-in scaled, and binary kernels whose filters have
   clearly nonzero means (WSD shifts by them)."""
   import torch  # pylint: disable=g-import-not-at-top
-  from torch_twins import sdbnn_cifar_torch  # pylint: disable=g-import-not-at-top
   g = torch.Generator().manual_seed(seed)
 
   def normal(shape, std, dtype=torch.float64):

@@ -1,12 +1,13 @@
-"""SD-BNN's released CIFAR-10 weights as variables of the ``*_sdbnn`` models.
+"""SD-BNN's CIFAR-10 PyTorch weights as variables of the ``*_sdbnn`` models.
 
 pingxue-hfut/SD-BNN trains three CIFAR-10 networks (``cifar10/ResNet20``,
-``cifar10/ResNet18``, ``cifar10/VGG-Small``); this module maps their PyTorch
-``state_dict`` onto ``resnet20_sdbnn``, ``resnet18_sdbnn`` and
-``vgg_small_sdbnn``. Their binary conv (``IRConv2d``) holds ``weight``
-(OIHW), WSD's ``alpha`` (``a`` here) and ASD's ``dybeta.fc.{0,2}.weight``
-(``input_shift/fc{1,2}`` here); ``k`` and ``t`` are not saved. Parity with a
-PyTorch twin of the official code: ``tests/test_models_sdbnn_cifar.py``.
+``cifar10/ResNet18``, ``cifar10/VGG-Small``; it releases no CIFAR-10
+weights); this module maps their PyTorch ``state_dict`` onto
+``resnet20_sdbnn``, ``resnet18_sdbnn`` and ``vgg_small_sdbnn``. Their binary
+conv (``IRConv2d``) holds ``weight`` (OIHW), WSD's ``alpha`` (``a`` here) and
+ASD's ``dybeta.fc.{0,2}.weight`` (``input_shift/fc{1,2}`` here); ``k`` and
+``t`` are not saved. Parity with a PyTorch twin of the official code:
+``tests/test_models_sdbnn_cifar.py``.
 """
 from __future__ import annotations
 

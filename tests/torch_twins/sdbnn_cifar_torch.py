@@ -9,14 +9,16 @@ structure and parameter names of pingxue-hfut/SD-BNN ``cifar10/ResNet20``
 squeeze-excitation branch, reduction 16) added before its sign, the weight
 ``sigmoid(alpha) * 0.01 * mean`` (per output filter, mean detached) added
 before its sign, no scale factor, and both signs take the EDE gradient
-``k t (1 - tanh^2(t x))`` (here written ``k t / cosh^2(t x)``). So ``sdbnn_convert.from_official_state_dict`` reads
-these ``state_dict`` s as it would read the released checkpoints.
+``k t (1 - tanh^2(t x))`` (written here as ``k t / cosh^2(t x)``). So
+``sdbnn_convert.from_official_state_dict`` reads these ``state_dict`` s as it
+would read checkpoints of the official trainers (no CIFAR-10 weights are
+released).
 
 Widths (and blocks per stage) are arguments so that tests can run narrow
 copies; the defaults are the official networks. ``k`` and ``t`` are plain
 attributes (not buffers), as in the official code, set by
-:meth:`set_schedule`. Nothing is shared with the JAX code. NCHW tensors, OIHW kernels;
-``torch.sign(0) = 0`` (random real inputs never hit 0).
+:meth:`set_schedule`. Nothing is shared with the JAX code. NCHW tensors, OIHW
+kernels; ``torch.sign(0) = 0`` (random real inputs never hit 0).
 """
 from __future__ import annotations
 
