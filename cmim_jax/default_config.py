@@ -186,6 +186,40 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.cmim.momentum = 0.5  # Bank update: m * old + (1 - m) * new.
   config.cmim.class_aware = False  # Drop drawn negatives of the sample's class.
 
+  # MoCo v2 (objective 'moco', label-free): InfoNCE of the student's embedding
+  # (an MLP head on its features, fc's input) against a momentum key
+  # encoder's embedding of a second view, negatives from a queue of past keys.
+  config.moco = ml_collections.ConfigDict()
+  config.moco.weight = 1.0
+  config.moco.temperature = 0.2  # tau (MoCo v2 and S2-BNN).
+  config.moco.momentum = 0.999  # Key encoder: m * key + (1 - m) * student.
+  config.moco.queue_size = 65536  # A multiple of batch_size.
+  config.moco.embed_dim = 128
+  config.moco.hidden_dim = 0  # Of the MLP head; 0 = the features' size.
+
+  # S2-BNN's guided distribution calibration (objective 'calibration',
+  # label-free, needs config.teacher): CE(softmax(z_T / tau), log_softmax(z_S / tau))
+  # of the L2-normalised embeddings of a frozen self-supervised teacher (its
+  # run's trained `moco` head on its features) and of the student (the `moco`
+  # term's head when the run has one, else a head of its own).
+  config.calibration = ml_collections.ConfigDict()
+  config.calibration.weight = 1.0
+  config.calibration.temperature = 0.2
+  config.calibration.teacher_head = "moco"  # The teacher run's term whose head embeds.
+
+  # Training views. augment '' = the dataset's augmentation (data.augment);
+  # 'moco_v2' = MoCo v2 views drawn on device (cmim_jax/data/views.py): random
+  # resized crop, colour jitter, grayscale, blur, flip. A term that needs a
+  # second view (moco) gets one either way.
+  config.views = ml_collections.ConfigDict()
+  config.views.augment = ""
+  config.views.crop_scale = (0.2, 1.0)  # Area fraction of the random resized crop.
+  config.views.jitter = (0.4, 0.4, 0.4, 0.1)  # Brightness, contrast, saturation, hue.
+  config.views.jitter_prob = 0.8  # MoCo v2: 0.8; S2-BNN's code: 0.6.
+  config.views.gray_prob = 0.2
+  config.views.blur_prob = -1.0  # -1 = 0.2 for images of 96+ pixels (ImageNet), else 0.
+  config.views.flip = True
+
   config.batch_size = 128  # Global batch, split over all devices of all hosts.
   config.eval_batch_size = 0  # 0 = batch_size.
   config.num_epochs = 400.0

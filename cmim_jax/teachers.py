@@ -68,7 +68,8 @@ def build_model(run_config, *, num_classes: int, data_name: str, key: str = "tea
   return models.from_config(run_config.model, num_classes=num_classes, bn_axis_name=None)
 
 
-def restore_variables(path: str, step: int | None = None) -> tuple[dict, int]:
+def restore_variables(path: str, step: int | None = None, *, objectives: bool = False
+                      ) -> tuple[dict, int]:
   """``({'params', 'batch_stats'}, step)`` of the model in a checkpoint of a run.
 
   Reads only those parts (not the earlier run's optimizer state), local or
@@ -78,6 +79,8 @@ def restore_variables(path: str, step: int | None = None) -> tuple[dict, int]:
   Args:
     path: the run directory.
     step: the checkpoint step (default: the newest intact one).
+    objectives: also return the run's trained objective-term parameters
+      (``'objectives'``: ``{term: params}``, e.g. a MoCo run's projection head).
 
   Raises:
     FileNotFoundError: no checkpoint in the workdir.
@@ -96,6 +99,8 @@ def restore_variables(path: str, step: int | None = None) -> tuple[dict, int]:
     raise ValueError(f"checkpoint {ckpt.directory}/{step} has no params/model; not a cmim_jax "
                      "training checkpoint.") from None
   variables = {"params": params, "batch_stats": state.get("batch_stats") or {}}
+  if objectives:
+    variables["objectives"] = state["params"].get("objectives") or {}
   return jax.tree.map(np.asarray, variables), int(step)
 
 

@@ -49,6 +49,7 @@ from cmim_jax import objectives as objectives_lib
 from cmim_jax import optim
 from cmim_jax import preemption
 from cmim_jax import runlock
+from cmim_jax import step_aux
 from cmim_jax import teachers
 from cmim_jax import variables as variables_lib
 from cmim_jax.parallel import AXIS, Parallel, first_copy_to_host
@@ -88,6 +89,7 @@ class Task:
     info: the dataset's ``DatasetInfo``.
     augment: resolved augmentation mode ('device', 'host' or 'none').
     teacher: the frozen teacher's model (eval mode), or None.
+    views: MoCo v2 view settings (``config.views``), or None for the dataset's augmentation.
     steps_per_epoch: optimizer steps per epoch (the EDE moves once an epoch).
     total_steps: length of the run in steps.
     ede_t_min: EDE ``t`` at the start.
@@ -105,12 +107,18 @@ class Task:
   ede_t_min: float
   ede_t_max: float
   teacher: nn.Module | None = None
+  views: Any = None
   axis_name: str = AXIS
 
   @property
   def needs(self) -> frozenset[str]:
     """What the step computes for the terms besides the logits."""
     return frozenset(n for term in self.objectives for n in term.objective.needs)
+
+  @property
+  def uses_labels(self) -> bool:
+    """False for a label-free run: the step never reads ``batch['label']``."""
+    return any(term.objective.uses_labels for term in self.objectives)
 
   def term(self, name: str) -> objectives_lib.Objective:
     """The built term registered as ``name`` (KeyError if the run has none)."""
@@ -140,11 +148,12 @@ def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
                                    data_name=config.data.name)
   terms = objectives_lib.from_config(objectives_lib.BuildContext(
       config=config, model=model, info=info, has_teacher=teacher is not None))
-  uses_teacher = {"teacher_logits", "teacher_features"} & set().union(
+  uses_teacher = set(objectives_lib.TEACHER_NEEDS) & set().union(
       *(t.objective.needs for t in terms))
   if teacher is not None and not uses_teacher:
     logging.warning("config.teacher=%r is set but no term of config.objectives=%r uses it; "
-                    "add 'kd' or 'crd' to use it.", config.teacher, config.objectives)
+                    "add 'kd', 'crd' or 'calibration' to use it.", config.teacher,
+                    config.objectives)
   lr = optim.learning_rate_schedule(
       base_lr=config.learning_rate, total_steps=total_steps,
       warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
@@ -154,32 +163,12 @@ def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
       weight_decay=config.weight_decay, decay_kernels_only=config.decay_kernels_only,
       decay_mask=_model_only)
   return Task(model=model, objectives=terms, tx=tx, learning_rate=lr, info=info,
-              augment=info.augment, teacher=teacher,
+              augment=info.augment, teacher=teacher, views=step_aux.view_spec(config, info),
               steps_per_epoch=int(steps_per_epoch), total_steps=int(total_steps),
               ede_t_min=float(config.ede.t_min), ede_t_max=float(config.ede.t_max))
 
 
-def _apply(model, variables, images, *, features: bool, **kwargs):
-  """``model.apply``, plus the input of its classifier ``fc`` when ``features``.
-
-  Returns:
-    ``(output, features or None)``; ``output`` is what ``model.apply`` returns.
-  """
-  if not features:
-    return model.apply(variables, images, **kwargs), None
-  captured = []
-
-  def intercept(next_fun, args, kwargs, context):
-    if (context.method_name == "__call__" and context.module.name == "fc"
-        and isinstance(context.module, nn.Dense)):
-      captured.append(args[0])
-    return next_fun(*args, **kwargs)
-  with nn.intercept_methods(intercept):
-    out = model.apply(variables, images, **kwargs)
-  if not captured:
-    raise ValueError(f"{type(model).__name__} has no classifier nn.Dense named 'fc', whose "
-                     "input is the penultimate feature a term asked for.")
-  return out, captured[-1]
+_apply = step_aux.apply_model  # The step's forward with features, kept under its old name.
 
 
 def _model_only(params):
@@ -196,7 +185,8 @@ def load_teacher(config: ml_collections.ConfigDict, task: Task) -> dict:
   if task.teacher is None:
     return {}
   _, path = teachers.load_run(config.teacher, "teacher")
-  variables, step = teachers.restore_variables(path)
+  variables, step = teachers.restore_variables(
+      path, objectives="teacher_objectives" in task.needs)
   x = jnp.zeros((1,) + tuple(task.info.image_shape), jnp.float32)
   expected = jax.eval_shape(
       lambda: variables_lib.init_variables(task.teacher, jax.random.PRNGKey(0), x))
@@ -216,21 +206,12 @@ def init_state(task: Task, rng: jax.Array, teacher: Any = None) -> TrainState:
     teacher: the teacher's variables (:func:`load_teacher`), when it has one.
   """
   model_rng, terms_rng, state_rng = jax.random.split(rng, 3)
-  model = task.model.clone(bn_axis_name=None)
-  x = jnp.zeros((1,) + tuple(task.info.image_shape), jnp.float32)
-  variables = variables_lib.init_variables(model, model_rng, x)
-  mutable = [losses.BINARY_ACTS] if "binary_acts" in task.needs else []
-  (logits, sown), features = _apply(model, variables, x, features="features" in task.needs,
-                                    train=False, mutable=mutable)
-  example = {"logits": logits, "labels": jnp.zeros((1,), jnp.int32),
-             "binary_acts": sown.get(losses.BINARY_ACTS, {}), "features": features,
-             "teacher_logits": jnp.zeros_like(logits)}
-  if task.teacher is not None and teacher:
-    example["teacher_logits"], example["teacher_features"] = _apply(
-        task.teacher, teacher, x, features="teacher_features" in task.needs, train=False)
+  variables = step_aux.init_model(task, model_rng)
+  example = step_aux.init_example(task, variables, teacher)
   params, term_states = {"model": variables["params"], "objectives": {}}, {}
   for term in task.objectives:
     key = objectives_lib.term_key(terms_rng, term.name)
+    example["objective_params"] = dict(params["objectives"])  # The terms before this one.
     params["objectives"][term.name], term_states[term.name] = term.objective.init(key, example)
   if task.teacher is not None and not teacher:
     raise ValueError("the task has a teacher model but no teacher variables were given; "
@@ -296,22 +277,23 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task
   """
   axis = task.axis_name
   schedule = ede_schedule(task, state.step)
-  labels = batch["label"]
-  offset = jax.lax.axis_index(axis) * labels.shape[0]
+  offset = jax.lax.axis_index(axis) * batch["image"].shape[0]
   rng = jax.random.fold_in(state.rng, state.step)
-  images = preprocess(task, rng, batch["image"], offset=offset, train=True)
   needs = task.needs
+  views = step_aux.make_views(task, rng, batch["image"], offset=offset,
+                              count=2 if "second_view" in needs else 1)
+  images = views[0]
   mutable = ["batch_stats"] + ([losses.BINARY_ACTS] if "binary_acts" in needs else [])
-  given = {"labels": labels}
-  if {"teacher_logits", "teacher_features"} & needs:
-    # Frozen, eval mode (running BatchNorm statistics), outside the gradient.
-    t_logits, t_features = jax.lax.stop_gradient(_apply(
-        task.teacher,
-        {"params": state.teacher["params"], "batch_stats": state.teacher["batch_stats"]},
-        images, features="teacher_features" in needs, train=False))
-    given["teacher_logits"] = t_logits
-    if t_features is not None:
-      given["teacher_features"] = t_features
+  # A label-free run never reads batch['label'] (its value cannot matter).
+  labels = batch["label"] if task.uses_labels else None
+  given = {} if labels is None else {"labels": labels}
+  if task.teacher is not None:  # Frozen, eval mode, outside the gradient.
+    given.update(step_aux.teacher_aux(task, state.teacher, images))
+  if "second_view" in needs:
+    given["second_view"] = views[1]
+  if "student" in needs:
+    given["student"] = step_aux.student(task.model, state.params["model"], state.batch_stats,
+                                        schedule)
 
   def loss_fn(params):
     (logits, new_vars), features = _apply(
@@ -322,7 +304,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task
       aux["features"] = features
     if "binary_acts" in needs:
       aux["binary_acts"] = new_vars[losses.BINARY_ACTS]
-    metrics = {"accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))}
+    if "objective_params" in needs:
+      aux["objective_params"] = params["objectives"]
+    metrics = {} if labels is None else {
+        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))}
     loss, term_states = None, {}
     for term in task.objectives:
       value, term_states[term.name], extra = term.objective.loss(
@@ -555,7 +540,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       writer.write(done, "train", summary)
       rate = (done - start) / max(time.time() - t_start, 1e-9)
       logging.info("step %d/%d (%.1f%%) loss %.4f acc %.4f lr %.4g | %.0f img/s | ETA %s",
-                   done, total, 100 * done / total, summary["loss"], summary["accuracy"],
+                   done, total, 100 * done / total, summary["loss"], summary.get("accuracy", math.nan),
                    summary["learning_rate"], summary["images_per_second"],
                    _format_eta((total - done) / rate))
       t_interval, n_interval = time.time(), 0
@@ -569,7 +554,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       preempt.uninstall()
       logging.warning("%s", preempt.exit_line(done, ckpt.directory))
       return last_eval
-    if (done % config.eval_every_steps == 0 or is_last) and setup.eval_ds is not None:
+    # A label-free run's classifier is untrained: its held-out test is a linear probe.
+    if ((done % config.eval_every_steps == 0 or is_last) and setup.eval_ds is not None
+        and task.uses_labels):
       flush()
       last_eval = setup.evaluate(state_dev)
       writer.write(done, "eval", last_eval)

@@ -17,6 +17,8 @@ from cmim_jax.objectives.base import Objective
 from cmim_jax.objectives.base import parse_spec
 from cmim_jax.objectives.base import register
 from cmim_jax.objectives.base import resolve_weights
+from cmim_jax.objectives.base import Student
+from cmim_jax.objectives.base import TEACHER_NEEDS
 from cmim_jax.objectives.base import Term
 from cmim_jax.objectives.base import term_key
 # The built-in terms register themselves on import.

@@ -7,7 +7,16 @@ static :class:`~cmim_jax.train.Task`) with
   (``'binary_acts'``: the sown activations of the binary layers;
   ``'features'``: the student's penultimate features, the input of its
   classifier ``fc``; ``'teacher_logits'``, ``'teacher_features'``: the same
-  from a frozen teacher on the same images);
+  from a frozen teacher on the same images; ``'teacher_objectives'``: the
+  teacher run's trained term parameters by name, e.g. its ``moco`` head;
+  ``'second_view'``: a second augmented view of the same images,
+  ``f32[b, H, W, C]``; ``'student'``: a :class:`Student`, the student's
+  parameters before this step and its forward pass, for a term that runs
+  the network again, e.g. a momentum encoder; ``'objective_params'``: every
+  term's trainable parameters by name, so that terms can share a head);
+* ``uses_labels``: whether the term reads ``aux['labels']``. When no term
+  of a run does, the run is label-free: the step never reads
+  ``batch['label']`` and reports no accuracy;
 * ``init(key, example) -> (params, state)``: its trainable parameters
   (projection heads) and its non-trainable state (memory banks), from an
   ``example`` aux dict of batch size 1;
@@ -19,7 +28,7 @@ static :class:`~cmim_jax.train.Task`) with
   ``all_gather`` of the global batch).
 
 ``aux`` holds ``'logits'`` (f32[b, K], the student's, differentiable),
-``'labels'`` (i32[b]) and what the terms need. Terms are registered by name
+``'labels'`` (i32[b], unless the run is label-free) and what the terms need. Terms are registered by name
 (:func:`register`) and built from the config (:func:`from_config`).
 """
 
@@ -33,12 +42,32 @@ import jax
 
 from cmim_jax.identifiers import add_unique
 
-AUX_NEEDS = ("binary_acts", "features", "teacher_logits", "teacher_features")
+AUX_NEEDS = ("binary_acts", "features", "teacher_logits", "teacher_features",
+             "teacher_objectives", "second_view", "student", "objective_params")
+TEACHER_NEEDS = ("teacher_logits", "teacher_features", "teacher_objectives")
+
+
+class Student(NamedTuple):
+  """The student as a term may run it again (``aux['student']``).
+
+  Attributes:
+    params: the model's parameters before this step, without gradient (the
+      source of a momentum encoder's moving average).
+    batch_stats: its BatchNorm statistics before this step.
+    apply: ``(params, batch_stats, images) -> (logits, features,
+      new_batch_stats)``: the model in training mode with this step's EDE
+      schedule and cross-device BatchNorm (statistics of the global batch);
+      ``features`` is the input of the classifier ``fc``.
+  """
+  params: Any
+  batch_stats: Any
+  apply: Callable[..., Any]
 
 
 class Objective:
   """Base class of the terms (subclasses are frozen dataclasses)."""
   needs: ClassVar[tuple[str, ...]] = ()
+  uses_labels: ClassVar[bool] = True
 
   def init(self, key: jax.Array, example: Mapping[str, Any]) -> tuple[Any, Any]:
     """``(params, state)``; the default has neither."""
@@ -166,7 +195,7 @@ def from_config(context: BuildContext) -> tuple[Term, ...]:
     if not set(objective.needs) <= set(AUX_NEEDS):
       raise ValueError(f"objective {name!r} needs {objective.needs}; the step provides "
                        f"{AUX_NEEDS}.")
-    if {"teacher_logits", "teacher_features"} & set(objective.needs) and not context.has_teacher:
+    if set(TEACHER_NEEDS) & set(objective.needs) and not context.has_teacher:
       raise ValueError(f"objective {name!r} distils from a teacher, but config.teacher is empty; "
                        "set --config.teacher=WORKDIR_OF_A_TRAINED_RUN.")
     terms.append(Term(name, weight, objective))
