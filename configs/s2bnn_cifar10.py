@@ -73,6 +73,7 @@ def get_config(arg: str = "teacher"):
   config.warmup_epochs = 0.0
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
+  probe = config.get("linear_probe")  # --mode linear_probe's recipe, per budget.
   if budget == "cpu":
     config.data.train_split = "train[:45000]"
     config.data.eval_split = "train[45000:]"
@@ -81,6 +82,8 @@ def get_config(arg: str = "teacher"):
     config.moco.momentum = 0.99
     config.num_epochs = 3.0
     config.checkpoint_every_steps = 500
+    if probe is not None:  # Cached (unaugmented) features: seconds per epoch.
+      probe.epochs, probe.milestones, probe.augment = 30, (18, 24), False
   elif budget == "smoke":
     config.data.train_split = "train[:512]"
     config.data.eval_split = "train[512:768]"
@@ -92,4 +95,6 @@ def get_config(arg: str = "teacher"):
     config.num_train_steps = 6
     config.log_every_steps = 3
     config.checkpoint_every_steps = 6
+    if probe is not None:
+      probe.epochs, probe.milestones, probe.augment, probe.batch_size = 2, (), False, 64
   return config

@@ -83,11 +83,11 @@ def test_config_spec_and_weights():
   config.objectives = "ce:0.25, cmim:2, kd"  # ...unless the spec gives one.
   assert objectives.resolve_weights(config) == [("ce", 0.25), ("cmim", 2.0), ("kd", 1.0)]
   for bad, match in [("ce,,kd", "empty entry"), ("ce,ce", "twice"), ("ce:x", "not a number"),
-                     ("ce:-1", ">= 0"), ("ce,moco", "'moco'.*known: ce, cmim, crd, kd")]:
+                     ("ce:-1", ">= 0"), ("ce,simclr", "'simclr'.*known: calibration, ce, cmim, crd, kd, moco")]:
     config.objectives = bad
     with pytest.raises(ValueError, match=match):
       objectives.resolve_weights(config)
-  assert {"ce", "cmim", "crd", "kd"} <= set(objectives.names())
+  assert {"ce", "cmim", "crd", "kd", "moco", "calibration"} <= set(objectives.names())
   with pytest.raises(ValueError, match="already registered"):
     objectives.register("ce")(lambda context: None)
 
