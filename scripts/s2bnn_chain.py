@@ -99,7 +99,7 @@ def format_table(rows: list[dict], *, budget: str, eval_split: str) -> str:
     loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
     lines.append(f"| {r['stage']} | {r['model']} | {r['objectives']} | {r['steps']} "
                  f"({r['images_seen']}) | {loss} | {top1} | {r['seed']} |")
-  return "\n".join(lines) + f"\n\n(budget {budget or 'full'})"
+  return "\n".join(lines) + f"\n\n(budget: {budget})"
 
 
 def main(argv=None) -> int:
@@ -107,6 +107,8 @@ def main(argv=None) -> int:
   parser.add_argument("budget", choices=["smoke", "cpu", "full"])
   parser.add_argument("--out", required=True)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=0,
+                      help="optimizer steps per stage (default: the budget's epochs)")
   parser.add_argument("--data_dir", default="",
                       help="CIFAR-10 image folder or .tar.gz (default: the shared one if present)")
   args = parser.parse_args(argv)
@@ -116,9 +118,13 @@ def main(argv=None) -> int:
                         "cifar10-train.tar.gz")
   if not data_dir and os.path.exists(shared):
     data_dir = os.path.abspath(shared)
-  rows = run_chain(budget, args.out, seed=args.seed, data_dir=data_dir)
+  def adjust(config):
+    if args.steps > 0:
+      config.num_train_steps = args.steps
+    return config
+  rows = run_chain(budget, args.out, seed=args.seed, data_dir=data_dir, adjust=adjust)
   from configs import s2bnn_cifar10  # pylint: disable=g-import-not-at-top
-  table = format_table(rows, budget=args.budget,
+  table = format_table(rows, budget=args.budget + (f", {args.steps} steps" if args.steps else ""),
                        eval_split=s2bnn_cifar10.get_config(f"teacher,{budget}").data.eval_split)
   print(table)
   with open(os.path.join(args.out, "table.md"), "w") as f:
