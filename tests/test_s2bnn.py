@@ -2,20 +2,21 @@
 devices, the real step's key encoder (EMA), queue and label-free mode
 (garbage labels change nothing, bit for bit), and the configs."""
 
-import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cmim_jax import default_config
 from cmim_jax import input_pipeline
 from cmim_jax import objectives
 from cmim_jax import run_config
 from cmim_jax import step_aux
+from cmim_jax import teachers
 from cmim_jax import train
 from cmim_jax.objectives import memory
 from cmim_jax.objectives.calibration import calibration_loss
@@ -277,3 +278,41 @@ def test_imagenet_config_rows():
   for bad in ("moco_baseline,step1", "calibration", "calibration,step3", "simclr,step1"):
     with pytest.raises(ValueError, match="ROW,STEP"):
       s2bnn_imagenet.get_config(bad)
+
+
+# ------------------------------------------------------------ the chain
+
+
+@pytest.mark.slow  # Three short trainings (and probes, where the mode exists): ~2-4 min.
+def test_smoke_chain_teacher_moco_calibration(tmp_path):
+  """scripts/s2bnn_chain.py smoke (on digits): FP MoCo teacher -> BNN moco -> BNN calibration."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "s2bnn_chain", os.path.join(os.path.dirname(__file__), "..", "scripts", "s2bnn_chain.py"))
+  chain = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(chain)
+
+  def adjust(config):
+    config = _digits(config)
+    config.data.eval_split = "test"  # For the probes.
+    config.num_train_steps = 4
+    config.checkpoint_every_steps = 4
+    return config
+  rows = chain.run_chain("smoke", str(tmp_path), adjust=adjust)
+  assert [r["stage"] for r in rows] == ["teacher", "moco", "calibration"]
+  assert [r["objectives"] for r in rows] == ["moco", "moco", "calibration"]
+  assert all(r["steps"] == 4 and np.isfinite(r["loss"]) for r in rows)
+  try:
+    import cmim_jax.linear_probe  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    assert all(0.0 <= r["probe_top1"] <= 1.0 and r["probe_examples"] > 0 for r in rows)
+  except ImportError:
+    assert all("probe_top1" not in r for r in rows)
+  # The student distilled from the teacher run's own weights and moco head, unchanged.
+  teacher, _ = teachers.restore_variables(str(tmp_path / "teacher"), objectives=True)
+  with ocp.CheckpointManager(str(tmp_path / "calibration" / "checkpoints")) as manager:
+    saved = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+  jax.tree.map(np.testing.assert_array_equal, saved["teacher"]["objectives"]["moco"],
+               teacher["objectives"]["moco"])
+  jax.tree.map(np.testing.assert_array_equal, saved["teacher"]["params"], teacher["params"])
+  assert "calibration" in open(tmp_path / "calibration" / "metrics.jsonl").read()
+  assert chain.format_table(rows, budget="smoke", eval_split="test").count("\n| ") == 3
