@@ -316,3 +316,64 @@ def test_smoke_chain_teacher_moco_calibration(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, saved["teacher"]["params"], teacher["params"])
   assert "calibration" in open(tmp_path / "calibration" / "metrics.jsonl").read()
   assert chain.format_table(rows, budget="smoke", eval_split="test").count("\n| ") == 3
+
+
+def test_moco_and_calibration_terms_equal_the_pytorch_twin():
+  """One step of moco + calibration (shared head) against S2-BNN's loop, written in torch."""
+  torch = pytest.importorskip("torch", reason="the PyTorch twin needs torch")
+  from cmim_jax.objectives.calibration import Calibration  # pylint: disable=g-import-not-at-top
+  from cmim_jax.objectives.moco import MoCo  # pylint: disable=g-import-not-at-top
+  from torch_twins import s2bnn_torch  # pylint: disable=g-import-not-at-top
+  b, d_in, feat, hidden, dim, size, tau, m = 8, 6, 5, 7, 4, 16, 0.2, 0.9
+  torch.manual_seed(0)
+  enc_q, enc_k = (s2bnn_torch.Encoder(d_in, feat, hidden, dim).double() for _ in range(2))
+  rng = np.random.default_rng(0)
+  view_0, view_1 = rng.normal(size=(b, d_in)), rng.normal(size=(b, d_in))
+  t_features = rng.normal(size=(b, 3))
+  t_head = {"fc1": {"kernel": rng.normal(size=(3, 6)), "bias": rng.normal(size=6)},
+            "fc2": {"kernel": rng.normal(size=(6, dim)), "bias": rng.normal(size=dim)}}
+  t_embed = _unit(np.maximum(t_features @ t_head["fc1"]["kernel"] + t_head["fc1"]["bias"], 0)
+                  @ t_head["fc2"]["kernel"] + t_head["fc2"]["bias"])
+  queue = _unit(rng.normal(size=(size, dim)))
+
+  def head(enc):
+    return {n: {"kernel": getattr(enc, n).weight.detach().numpy().T.copy(),
+                "bias": getattr(enc, n).bias.detach().numpy().copy()} for n in ("fc1", "fc2")}
+  w, head_q = enc_q.backbone.weight.detach().numpy().T.copy(), head(enc_q)
+  key_params = {"model": {"w": enc_k.backbone.weight.detach().numpy().T.copy()}, "head": head(enc_k)}
+  # The twin's step (queue stored [dim, K], as the reference code).
+  t_queue = torch.tensor(queue.T.copy())
+  loss_cl, loss_kd, ptr = s2bnn_torch.step(
+      enc_q, enc_k, t_queue, 8, torch.tensor(view_0), torch.tensor(view_1),
+      torch.tensor(t_embed), T=tau, m=m)
+  (loss_cl + loss_kd).backward()
+
+  moco = MoCo(temperature=tau, momentum=m, queue_size=size, embed_dim=dim, hidden_dim=hidden)
+  calibration = Calibration(temperature=tau, shared_head="moco", embed_dim=dim)
+  with jax.enable_x64(True):
+    state = {"key_params": key_params, "key_batch_stats": {}, "queue": jnp.asarray(queue),
+             "ptr": jnp.int32(8), "count": jnp.int32(1)}  # Past the first step: an EMA.
+
+    def total(w, head):
+      aux = {"features": jnp.asarray(view_0) @ w, "second_view": jnp.asarray(view_1),
+             "student": objectives.Student({"w": jax.lax.stop_gradient(w)}, {},
+                                           lambda p, bs, x: (None, x @ p["w"], bs)),
+             "teacher_features": jnp.asarray(t_features),
+             "teacher_objectives": {"moco": {"head": t_head}},
+             "objective_params": {"moco": {"head": head}}}
+      l_moco, new_state, _ = moco.loss({"head": head}, state, {}, aux=aux, axis_name=None)
+      l_cal, _, _ = calibration.loss({}, {}, {}, aux=aux, axis_name=None)
+      return l_moco + l_cal, (l_moco, l_cal, new_state)
+    (_, (l_moco, l_cal, new_state)), (g_w, g_head) = jax.value_and_grad(
+        total, argnums=(0, 1), has_aux=True)(jnp.asarray(w), jax.tree.map(jnp.asarray, head_q))
+  close = functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-6)
+  close(l_moco, loss_cl.item())
+  close(l_cal, loss_kd.item())
+  close(g_w, enc_q.backbone.weight.grad.numpy().T)
+  for n in ("fc1", "fc2"):
+    close(g_head[n]["kernel"], getattr(enc_q, n).weight.grad.numpy().T)
+    close(g_head[n]["bias"], getattr(enc_q, n).bias.grad.numpy())
+  close(new_state["key_params"]["model"]["w"], enc_k.backbone.weight.detach().numpy().T)
+  jax.tree.map(close, new_state["key_params"]["head"], head(enc_k))
+  close(new_state["queue"], t_queue.numpy().T)
+  assert int(new_state["ptr"]) == ptr == 0

@@ -87,7 +87,7 @@ def moco_infonce(q: jax.Array, k: jax.Array, queue: jax.Array, *, temperature: f
 def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Rows ``ptr .. ptr + N`` of the queue become ``keys``; the pointer moves on (mod K)."""
   n = keys.shape[0]
-  queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (ptr, 0))
+  queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (ptr, jnp.zeros_like(ptr)))
   return queue, (ptr + n) % queue.shape[0]
 
 
