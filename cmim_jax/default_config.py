@@ -199,13 +199,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   # S2-BNN's guided distribution calibration (objective 'calibration',
   # label-free, needs config.teacher): CE(softmax(z_T / tau), log_softmax(z_S / tau))
-  # of the L2-normalised embeddings of a frozen self-supervised teacher (its
-  # run's trained `moco` head on its features) and of the student (the `moco`
+  # of the L2-normalised embeddings of a frozen self-supervised teacher and
+  # of the student (the `moco`
   # term's head when the run has one, else a head of its own).
   config.calibration = ml_collections.ConfigDict()
   config.calibration.weight = 1.0
   config.calibration.temperature = 0.2
-  config.calibration.teacher_head = "moco"  # The teacher run's term whose head embeds.
+  # The teacher's embedding: 'auto' (its run's `moco` head if it trained one,
+  # else its output, as `tv_resnet50_moco` from cmim_jax.models.moco_convert),
+  # a term name (that term's trained head) or '' (its output).
+  config.calibration.teacher_head = "auto"
 
   # Training views. augment '' = the dataset's augmentation (data.augment);
   # 'moco_v2' = MoCo v2 views drawn on device (cmim_jax/data/views.py): random

@@ -30,10 +30,12 @@ epochs, x0.1 at 60 and 80). Each step: batch 256, 200 epochs, MoCo v2 views
 queue 65,536, key-encoder momentum 0.999, 128-d embeddings from an MLP head
 ``1024 -> 1024 -> ReLU -> 128`` on ReActNet-A's features.
 
-``config.teacher`` is the workdir of a real-valued run whose checkpoint holds
-a ``moco`` head (``params/objectives/moco/head``): a run of this library
-trained with ``objectives='moco'``, or the public MoCo v2 800-epoch ResNet-50
-converted into one. What differs from the official code: the views are cropped
+``config.teacher`` is the workdir of a real-valued self-supervised teacher:
+the public MoCo v2 800-epoch ResNet-50 converted by ``python -m
+cmim_jax.models.moco_convert`` (``tv_resnet50_moco``, whose output is the
+128-d embedding), or a run of this library trained with ``objectives='moco'``
+(its ``moco`` head embeds); ``calibration.teacher_head='auto'`` tells them
+apart by the run's ``config.objectives``. What differs from the official code: the views are cropped
 on device from the host's central 224-pixel crop (``data.augment='none'``)
 rather than from the full-resolution image; the key encoder uses global
 BatchNorm instead of shuffled BN (``cmim_jax/objectives/moco.py`` says why);

@@ -377,3 +377,29 @@ def test_moco_and_calibration_terms_equal_the_pytorch_twin():
   jax.tree.map(close, new_state["key_params"]["head"], head(enc_k))
   close(new_state["queue"], t_queue.numpy().T)
   assert int(new_state["ptr"]) == ptr == 0
+
+
+def test_calibration_from_a_teacher_whose_output_is_the_embedding(tmp_path):
+  """A converted MoCo v2 teacher (output = embedding) or a run with a moco head: 'auto' picks."""
+  from cmim_jax.objectives.calibration import Calibration  # pylint: disable=g-import-not-at-top
+  from cmim_jax.objectives.moco import embed  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  f, t = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32), rng.normal(size=(6, 4))
+  term = Calibration(temperature=0.2, teacher_head="", embed_dim=4, hidden_dim=7)
+  assert "teacher_logits" in term.needs and "teacher_objectives" not in term.needs
+  params, _ = term.init(jax.random.PRNGKey(0), {"features": f})
+  value, _, _ = term.loss(params, {}, {}, aux={"features": f, "teacher_logits": 3.0 * t,
+                                               "objective_params": {}}, axis_name=None)
+  s = np.asarray(embed(params["head"], f, hidden=7, dim=4), np.float64)
+  np.testing.assert_allclose(value, numpy_calibration(s, _unit(t), 0.2)[0], rtol=1e-5)
+  for spec, want in [("moco", "moco"), ("ce,cmim", "")]:
+    teacher_config = s2bnn_cifar10.get_config("teacher")
+    teacher_config.objectives = spec
+    workdir = tmp_path / spec.replace(",", "_")
+    os.makedirs(workdir / "checkpoints" / "0")
+    run_config.save_run_config(teacher_config, str(workdir))
+    config = s2bnn_cifar10.get_config("calibration")
+    config.teacher = str(workdir)
+    built = objectives.from_config(objectives.BuildContext(
+        config=config, model=None, info=None, has_teacher=True))[0].objective
+    assert built.teacher_head == want

@@ -2,8 +2,11 @@ r"""``calibration``: S2-BNN's guided distribution calibration, label-free.
 
 A frozen real-valued self-supervised teacher and the student see the same
 view. Each turns it into a unit embedding: the teacher with the projection
-head its own run trained (``calibration.teacher_head``, by default the
-``moco`` head of a run trained with ``moco``), the student with the ``moco``
+head its own run trained (``calibration.teacher_head``: the ``moco`` head of a
+run trained with ``moco``) or, for a teacher whose output is the embedding
+(``tv_resnet50_moco`` from ``python -m cmim_jax.models.moco_convert``), its
+normalised output (``teacher_head=''``; ``'auto'`` picks by the teacher
+run's ``config.objectives``), the student with the ``moco``
 term's head when this run has one (S2-BNN's "MoCo v2 + distillation": one
 head for both losses) and with a head of its own otherwise ("distillation
 only"). Then, over the ``D`` embedding dimensions,
@@ -25,6 +28,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from cmim_jax import losses
 from cmim_jax.objectives import base
 from cmim_jax.objectives.base import Objective, register
 from cmim_jax.objectives.moco import MLPHead, embed
@@ -61,8 +65,13 @@ class Calibration(Objective):
   teacher_head: str = "moco"
   embed_dim: int = 128
   hidden_dim: int = 0
-  needs = ("features", "teacher_features", "teacher_objectives", "objective_params")
   uses_labels = False
+
+  @property
+  def needs(self):
+    teacher = ("teacher_features", "teacher_objectives") if self.teacher_head else (
+        "teacher_logits",)
+    return ("features", "objective_params") + teacher
 
   def _teacher_head(self, teacher_objectives):
     head = teacher_objectives.get(self.teacher_head, {}).get("head")
@@ -74,7 +83,7 @@ class Calibration(Objective):
     return head
 
   def init(self, key, example):
-    if "teacher_objectives" in example:
+    if self.teacher_head and "teacher_objectives" in example:
       self._teacher_head(example["teacher_objectives"])  # Fails before the first step.
     if self.shared_head:
       return {}, {}
@@ -87,16 +96,20 @@ class Calibration(Objective):
     head = aux["objective_params"][self.shared_head]["head"] if self.shared_head else params["head"]
     s = embed(head, aux["features"], hidden=head["fc1"]["kernel"].shape[1],
               dim=self.embed_dim)
-    t_head = self._teacher_head(aux["teacher_objectives"])
-    t = embed(t_head, aux["teacher_features"], hidden=t_head["fc1"]["kernel"].shape[1],
-              dim=t_head["fc2"]["kernel"].shape[1])
+    if self.teacher_head:
+      t_head = self._teacher_head(aux["teacher_objectives"])
+      t = embed(t_head, aux["teacher_features"], hidden=t_head["fc1"]["kernel"].shape[1],
+                dim=t_head["fc2"]["kernel"].shape[1])
+    else:  # The teacher's output is its embedding (a converted MoCo v2 model).
+      t = losses.l2_normalize(aux["teacher_logits"].astype(jnp.float32))
     return calibration_loss(s, t, temperature=self.temperature, axis_name=axis_name), state, {}
 
   def describe(self) -> str:
     own = f"the '{self.shared_head}' head" if self.shared_head else "its own MLP head"
+    teacher = (f"its run's '{self.teacher_head}' head" if self.teacher_head
+               else "its normalised output")
     return (f"CE(softmax(teacher/{self.temperature}), log_softmax(student/{self.temperature})) "
-            f"of unit {self.embed_dim}-d embeddings; student: {own}; teacher: its run's "
-            f"'{self.teacher_head}' head")
+            f"of unit {self.embed_dim}-d embeddings; student: {own}; teacher: {teacher}")
 
 
 @register("calibration")
@@ -105,8 +118,16 @@ def _build(context):
   if not c.temperature > 0:
     raise ValueError(f"config.calibration.temperature={c.temperature!r} must be > 0.")
   names = [name for name, weight in base.resolve_weights(context.config) if weight > 0]
+  teacher_head = str(c.teacher_head)
+  if teacher_head == "auto":
+    teacher_head = "moco"
+    if context.config.teacher:  # The teacher run's own terms say where its embedding is.
+      from cmim_jax import teachers  # pylint: disable=g-import-not-at-top
+      run_config, _ = teachers.load_run(context.config.teacher, "teacher")
+      trained = [n for n, w in base.resolve_weights(run_config) if w > 0]
+      teacher_head = "moco" if "moco" in trained else ""
   return Calibration(temperature=float(c.temperature),
                      shared_head="moco" if "moco" in names else "",
-                     teacher_head=str(c.teacher_head),
+                     teacher_head=teacher_head,
                      embed_dim=int(context.config.moco.embed_dim),
                      hidden_dim=int(context.config.moco.hidden_dim))
