@@ -185,8 +185,9 @@ def load_teacher(config: ml_collections.ConfigDict, task: Task) -> dict:
   if task.teacher is None:
     return {}
   _, path = teachers.load_run(config.teacher, "teacher")
+  # The teacher run's trained term parameters (e.g. a moco head) only for a term that reads them.
   variables, step = teachers.restore_variables(
-      path, objectives="teacher_objectives" in task.needs)
+      path, objectives="teacher_objectives" in getattr(task, "needs", ()))
   x = jnp.zeros((1,) + tuple(task.info.image_shape), jnp.float32)
   expected = jax.eval_shape(
       lambda: variables_lib.init_variables(task.teacher, jax.random.PRNGKey(0), x))
