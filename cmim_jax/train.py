@@ -550,6 +550,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       flush()
       ckpt.save(done, par.from_step_layout(state_dev))
     if preempted:
+      _close(batches)
       ckpt.close()
       writer.close()
       preempt.uninstall()
@@ -565,6 +566,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                    last_eval["loss"], last_eval["accuracy"], last_eval["num_examples"])
       t_interval = time.time()
   preempt.uninstall()
+  _close(batches)
   ckpt.close()
   writer.close()
   if start >= total:
@@ -574,6 +576,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                  total - start, _format_eta(time.time() - t_start), last_eval["accuracy"],
                  config.data.eval_split, last_eval["num_examples"])
   return last_eval
+
+
+def _close(batches) -> None:
+  """Releases an input iterator's workers now (streamed input), not at exit."""
+  close = getattr(batches, "close", None)
+  if close is not None:
+    close()
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
