@@ -443,7 +443,7 @@ def main(argv=None):
           res["jax_base"]["images_per_s"] / res["jax_cmim"]["images_per_s"], 4)
     if "jax_cmim" in res:
       summary["cmim_layers"] = res["jax_cmim"]["cmim_layers"]
-      summary["cmim_head_params"] = res["jax_cmim"]["cmim_head_params"]
+      summary["cmim_head_params"] = res["jax_cmim"]["objective_params"]
     if "jax_base" in res and "torch" in res:
       summary["jax_vs_torch"] = round(
           res["jax_base"]["images_per_s"] / res["torch"]["images_per_s"], 4)

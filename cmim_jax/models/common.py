@@ -13,9 +13,42 @@ from cmim_jax import binarize
 Array = jax.Array
 
 
+# Read while a step is traced; bench/step_levers.py turns it off to measure it.
+MATERIALIZE_ON_CPU = True
+
+
 def hardtanh(x: Array) -> Array:
-  """``clip(x, -1, 1)``: the activation of IR-Net/CMIM/SD-BNN blocks."""
-  return jnp.clip(x, -1.0, 1.0)
+  """``clip(x, -1, 1)``: the activation of IR-Net/CMIM/SD-BNN blocks.
+
+  On the CPU backend the result is :func:`materialized`: every block output
+  of these networks passes through here.
+  """
+  y = jnp.clip(x, -1.0, 1.0)
+  if MATERIALIZE_ON_CPU and jax.default_backend() == "cpu":
+    return materialized(y)
+  return y
+
+
+def materialized(x: Array) -> Array:
+  """``x``, exactly, computed once and read from memory by all its consumers.
+
+  Why: XLA:CPU (jaxlib 0.10) fuses a chain of cheap elementwise ops into
+  every consumer, so a block output (BatchNorm, residual add, hardtanh) with
+  several consumers (the next binary conv, the shortcut, the transposed
+  copies the kernel gradients read) is recomputed in each of them, back
+  through every earlier block whose output was not stored either: in
+  ResNet-20 the input fusion of a stage's last conv recomputed 230 ops of
+  that stage. XLA's fusion pass never duplicates a float division (it counts
+  it as expensive), so dividing by a one it cannot fold away makes it
+  compute the value once. ``x / 1`` is ``x`` in IEEE arithmetic and the
+  cotangent ``g / 1`` is ``g``: values and gradients are unchanged, bit for
+  bit. (``jax.lax.optimization_barrier`` does not do this: XLA:CPU removes
+  barriers before fusion.) The one is ``1 + 0 * x[0]``: only a
+  non-finite ``x[0]`` (never after a clip, unless NaN already) would change
+  anything. ``bench/step_levers.py`` measures the effect.
+  """
+  one = 1.0 + 0.0 * jax.lax.stop_gradient(x.reshape(-1)[0])
+  return x / one
 
 
 def batch_norm(train: bool, axis_name: Optional[str], dtype: Any) -> functools.partial:

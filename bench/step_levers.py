@@ -1,0 +1,101 @@
+r"""Paired comparison of step variants: activations materialized or not.
+
+Builds ``cmim_jax.train.train_step`` (base BNN, one CPU device, the setup of
+``bench/train_step.py``) once with ``models.common.MATERIALIZE_ON_CPU`` off
+(``plain``: XLA:CPU fuses each BatchNorm/hardtanh/residual chain into every
+consumer, recomputing it) and once on (``materialized``), then times them in alternating windows in one process (A B C A B C ...), so that
+a change of machine load hits every variant alike. Reports, per variant, the
+median over windows of (baseline window time / variant window time): > 1
+means faster than the first variant. Also the compiled program's XLA temp
+size and its count of HLO instructions, fusions and copies (load-independent).
+Both variants compute the same values (``x / 1`` is ``x``): the final losses
+are printed side by side. Last stdout line: one JSON object.
+
+  python bench/step_levers.py --models resnet20,vgg_small,resnet18
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+
+def _hlo_counts(compiled) -> dict:
+  text = compiled.as_text()
+  entry = text[text.find("ENTRY"):]
+  return {"hlo_instructions": len(re.findall(r"\n\s+(?:ROOT )?%\S+ = ", text)),
+          "fusions": len(re.findall(r"= \S+ fusion\(", entry)),
+          "copies": len(re.findall(r"= \S+ copy\(", entry)),
+          "transposes": len(re.findall(r"transpose\(", text)),
+          "convolutions": len(re.findall(r"convolution\(", text)),
+          "dots": len(re.findall(r" dot\(", text))}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--models", default="resnet20,vgg_small,resnet18")
+  p.add_argument("--variants", default="plain,materialized", help="plain and/or "
+                 "materialized; the first is the baseline")
+  p.add_argument("--batch_size", type=int, default=128)
+  p.add_argument("--steps", type=int, default=2, help="steps per window")
+  p.add_argument("--repeats", type=int, default=5, help="rounds of windows")
+  p.add_argument("--warmup", type=int, default=1)
+  args = p.parse_args(argv)
+
+  import jax
+  from cmim_jax.models import common
+  import train_step
+
+  report = {"batch_size": args.batch_size, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "load_avg_at_start": os.getloadavg(), "models": {}}
+  variants = args.variants.split(",")
+  for model in args.models.split(","):
+    ns = argparse.Namespace(model=model, batch_size=args.batch_size, warmup=args.warmup)
+    cases = {}
+    for v in variants:
+      if v not in ("plain", "materialized"):
+        raise ValueError(f"unknown variant {v!r}; known: plain, materialized")
+      saved, common.MATERIALIZE_ON_CPU = common.MATERIALIZE_ON_CPU, v == "materialized"
+      try:  # The flag is read while the step is traced, inside build_jax.
+        cases[v] = train_step.build_jax(ns, cmim=False)
+      finally:
+        common.MATERIALIZE_ON_CPU = saved
+    times = {v: [] for v in variants}
+    for _ in range(args.repeats):
+      for v in variants:
+        c = cases[v]
+        c["sync"]()
+        t0 = time.perf_counter()
+        c["run_steps"](args.steps)
+        c["sync"]()
+        times[v].append(time.perf_counter() - t0)
+    out = {}
+    for v in variants:
+      speedups = [b / t for b, t in zip(times[variants[0]], times[v])]
+      out[v] = {"speedup_vs_" + variants[0]: round(statistics.median(speedups), 3),
+                "window_speedups": [round(s, 3) for s in speedups],
+                "images_per_s_under_load": round(
+                    args.steps * args.batch_size / statistics.median(times[v]), 1),
+                "loss": cases[v]["final_loss"](),
+                "xla_temp_mb": round(cases[v]["meta"]["xla_temp_mb"], 1),
+                **_hlo_counts(cases[v]["compiled"])}
+      print(f"{model:9s} {v:6s} x{out[v]['speedup_vs_' + variants[0]]:.3f} "
+            f"(windows {out[v]['window_speedups']})  temp {out[v]['xla_temp_mb']} MB  "
+            f"HLO instructions {out[v]['hlo_instructions']} fusions {out[v]['fusions']}  loss {out[v]['loss']:.5f}", flush=True)
+    report["models"][model] = out
+    del cases
+    jax.clear_caches()
+  report["load_avg_at_end"] = os.getloadavg()
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main()
