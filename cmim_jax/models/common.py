@@ -42,7 +42,9 @@ def materialized(x: Array) -> Array:
   it as expensive), so dividing by a one it cannot fold away makes it
   compute the value once. ``x / 1`` is ``x`` in IEEE arithmetic and the
   cotangent ``g / 1`` is ``g``: values and gradients are unchanged, bit for
-  bit. (``jax.lax.optimization_barrier`` does not do this: XLA:CPU removes
+  bit (a subnormal ``x`` would become 0: XLA:CPU flushes subnormal results
+  to zero, as it already does in the BatchNorm arithmetic that produces the
+  inputs here). (``jax.lax.optimization_barrier`` does not do this: XLA:CPU removes
   barriers before fusion.) The one is ``1 + 0 * x[0]``: only a
   non-finite ``x[0]`` (never after a clip, unless NaN already) would change
   anything. ``bench/step_levers.py`` measures the effect.
