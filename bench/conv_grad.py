@@ -64,8 +64,14 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5, help="alternating window pairs")
   p.add_argument("--min_window_s", type=float, default=0.2)
   p.add_argument("--models", default="resnet20,vgg_small,resnet18")
+  p.add_argument("--no_xla_tuning", action="store_true",
+                 help="leave out cmim_jax.xla_tuning's flags (XLA defaults: YNNPACK convs)")
   args = p.parse_args(argv)
 
+  if not args.no_xla_tuning:  # As `python -m cmim_jax.main` and bench/train_step.py run.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from cmim_jax import xla_tuning
+    xla_tuning.apply()
   import jax
   import jax.numpy as jnp
   import numpy as np

@@ -48,8 +48,13 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=2, help="steps per window")
   p.add_argument("--repeats", type=int, default=5, help="rounds of windows")
   p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--no_xla_tuning", action="store_true",
+                 help="leave out cmim_jax.xla_tuning's flags (XLA defaults)")
   args = p.parse_args(argv)
 
+  if not args.no_xla_tuning:  # As `python -m cmim_jax.main` and bench/train_step.py run.
+    from cmim_jax import xla_tuning
+    xla_tuning.apply()
   import jax
   from cmim_jax.models import common
   import train_step
