@@ -13,20 +13,25 @@ from cmim_jax import binarize
 Array = jax.Array
 
 
+def hardtanh(x: Array) -> Array:
+  """``clip(x, -1, 1)``: the activation of IR-Net/CMIM/SD-BNN blocks."""
+  return jnp.clip(x, -1.0, 1.0)
+
+
 # Read while a step is traced; bench/step_levers.py turns it off to measure it.
 MATERIALIZE_ON_CPU = True
 
 
-def hardtanh(x: Array) -> Array:
-  """``clip(x, -1, 1)``: the activation of IR-Net/CMIM/SD-BNN blocks.
+def materialize_on_cpu(x: Array) -> Array:
+  """:func:`materialized` ``x`` on the CPU backend (``MATERIALIZE_ON_CPU``), else ``x``.
 
-  On the CPU backend the result is :func:`materialized`: every block output
-  of these networks passes through here.
+  Used where it was measured to help (``bench/step_levers.py``): the block
+  outputs of :class:`~cmim_jax.models.resnet.BiRealBlock`, whose shortcut
+  around every conv makes the recomputed chains long.
   """
-  y = jnp.clip(x, -1.0, 1.0)
   if MATERIALIZE_ON_CPU and jax.default_backend() == "cpu":
-    return materialized(y)
-  return y
+    return materialized(x)
+  return x
 
 
 def materialized(x: Array) -> Array:

@@ -117,9 +117,10 @@ class BiRealBlock(nn.Module):
                   name="conv1")(x, schedule)
     sc = _shortcut(x, self.features, self.strides, self.shortcut, self.conv,
                    self.norm, self.dtype, schedule)
-    h = common.hardtanh(self.norm(name="bn1")(y) + sc)
+    # Stored once, not recomputed by each consumer (see common.materialized).
+    h = common.materialize_on_cpu(common.hardtanh(self.norm(name="bn1")(y) + sc))
     y = self.conv(self.features, (3, 3), padding=1, name="conv2")(h, schedule)
-    return common.hardtanh(self.norm(name="bn2")(y) + h)
+    return common.materialize_on_cpu(common.hardtanh(self.norm(name="bn2")(y) + h))
 
 
 class ResNet(nn.Module):
