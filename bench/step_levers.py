@@ -23,6 +23,9 @@ import statistics
 import sys
 import time
 
+# plain: nothing materialized; materialized: as shipped (BiRealBlock outputs);
+# every_hardtanh: also every hardtanh output of every model (measured, not shipped).
+VARIANTS = ("plain", "materialized", "every_hardtanh")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
@@ -42,8 +45,8 @@ def _hlo_counts(compiled) -> dict:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--models", default="resnet20,vgg_small,resnet18")
-  p.add_argument("--variants", default="plain,materialized", help="plain and/or "
-                 "materialized; the first is the baseline")
+  p.add_argument("--variants", default="plain,materialized", help=", ".join(VARIANTS) +
+                 "; the first is the baseline")
   p.add_argument("--batch_size", type=int, default=128)
   p.add_argument("--steps", type=int, default=2, help="steps per window")
   p.add_argument("--repeats", type=int, default=5, help="rounds of windows")
@@ -66,13 +69,16 @@ def main(argv=None):
     ns = argparse.Namespace(model=model, batch_size=args.batch_size, warmup=args.warmup)
     cases = {}
     for v in variants:
-      if v not in ("plain", "materialized"):
-        raise ValueError(f"unknown variant {v!r}; known: plain, materialized")
-      saved, common.MATERIALIZE_ON_CPU = common.MATERIALIZE_ON_CPU, v == "materialized"
-      try:  # The flag is read while the step is traced, inside build_jax.
+      if v not in VARIANTS:
+        raise ValueError(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+      saved = common.MATERIALIZE_ON_CPU, common.hardtanh
+      common.MATERIALIZE_ON_CPU = v != "plain"
+      if v == "every_hardtanh":
+        common.hardtanh = lambda x, clip=saved[1]: common.materialized(clip(x))
+      try:  # Both are read while the step is traced, inside build_jax.
         cases[v] = train_step.build_jax(ns, cmim=False)
       finally:
-        common.MATERIALIZE_ON_CPU = saved
+        common.MATERIALIZE_ON_CPU, common.hardtanh = saved
     times = {v: [] for v in variants}
     for _ in range(args.repeats):
       for v in variants:
