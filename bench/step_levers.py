@@ -1,17 +1,21 @@
-r"""Paired comparison of step variants: activations materialized or not.
+r"""Paired comparison of step variants: block outputs materialized or not.
 
 Builds ``cmim_jax.train.train_step`` (base BNN, one CPU device, the setup of
-``bench/train_step.py``) once with ``models.common.MATERIALIZE_ON_CPU`` off
-(``plain``: XLA:CPU fuses each BatchNorm/hardtanh/residual chain into every
-consumer, recomputing it) and once on (``materialized``), then times them in alternating windows in one process (A B C A B C ...), so that
-a change of machine load hits every variant alike. Reports, per variant, the
+``bench/train_step.py``) once per variant, then times them in alternating
+windows in one process (A B C A B C ...), so that a change of machine load
+hits every variant alike. Variants: ``plain`` (``MATERIALIZE_ON_CPU`` off:
+XLA:CPU fuses each BatchNorm/hardtanh/residual chain into every consumer,
+recomputing it), ``materialized`` (as shipped: BiRealBlock outputs stored
+once, ``models.common.materialize_on_cpu``) and ``every_hardtanh`` (also
+every hardtanh output, measured but not shipped). Reports, per variant, the
 median over windows of (baseline window time / variant window time): > 1
 means faster than the first variant. Also the compiled program's XLA temp
-size and its count of HLO instructions, fusions and copies (load-independent).
-Both variants compute the same values (``x / 1`` is ``x``): the final losses
-are printed side by side. Last stdout line: one JSON object.
+size and its count of HLO instructions and fusions (load-independent). All
+variants compute the same values (``x / 1`` is ``x``): the final losses are
+printed side by side. Last stdout line: one JSON object.
 
   python bench/step_levers.py --models resnet20,vgg_small,resnet18
+  python bench/step_levers.py --models vgg_small,resnet18 --variants plain,every_hardtanh
 """
 from __future__ import annotations
 
