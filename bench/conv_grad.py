@@ -94,10 +94,10 @@ def main(argv=None):
           x, w, (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")), w)
       return vjp(g)[0]
 
-    def taps_dw(x, g):
+    def per_tap_dw(x, g):
       return taps_dw(x, g, w_shape, (s, s), pad)
 
-    fa, fb = jax.jit(xla_dw), jax.jit(taps_dw)
+    fa, fb = jax.jit(xla_dw), jax.jit(per_tap_dw)
     a, b = np.asarray(fa(x, g)), np.asarray(fb(x, g))
     err = float(np.abs(a - b).max() / np.abs(a).max())
     if err > 1e-5:
