@@ -41,65 +41,32 @@ full network, at a fraction of its compile time; 32x32 crops, 4 steps)::
       $D --config.teacher=$T --config.init_from=$S1
 """
 
-from cmim_jax import default_config
+import importlib.util
+import os
+
+
+def _load_reactnet_recipe():
+  """``configs/reactnet_imagenet.py``, loaded by path (configs are files, not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reactnet_imagenet.py")
+  spec = importlib.util.spec_from_file_location("_reactnet_imagenet_recipe", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
 
 STAGES = ("stage1", "stage2")
 
 
 def get_config(arg: str = "stage1"):
+  """ReActNet's two-step recipe (the same values, see its file) on ``birealnet18_sdbnn``."""
   stage, _, variant = (arg or "stage1").partition(",")
   if stage not in STAGES:
     raise ValueError(f"unknown SD-BNN ImageNet stage {stage!r}; known: {', '.join(STAGES)} "
                      "(e.g. --config configs/sdbnn_imagenet.py:stage2 or :stage1,smoke).")
-  config = default_config.get_config()
-  config.data.name = "imagenet2012"
-  config.data.source = "auto"
-  config.data.pipeline = "stream"
-  config.data.augment = "auto"  # 'host': random-resized crop (0.08-1) + flip.
-  config.data.image_size = 224
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"
-
+  step = {"stage1": "step1", "stage2": "step2"}[stage]
+  config = _load_reactnet_recipe().get_config(f"{step},{variant}" if variant else step)
   config.model.name = "birealnet18_sdbnn"
-  config.model.input_quantizer = ""
-  # Stage 1: real weights (the model then has no WSD 'a'; stage 2 adds it at 0).
-  config.model.kernel_quantizer = "identity" if stage == "stage1" else ""
-
-  config.objectives = "kd"
-  config.kd.weight = 1.0
-  config.kd.temperature = 1.0
-  config.cmim.weight = 0.0
-  config.teacher = "runs/imagenet_teacher"
+  # Stage 1 has real weights (``kernel_quantizer='identity'``, set by the
+  # recipe): the model then has no WSD 'a'; stage 2 adds it at 0.
   config.init_from = "runs/sdbnn_imagenet_stage1" if stage == "stage2" else ""
-
-  config.batch_size = 512
-  config.num_epochs = 256.0
-  config.optimizer = "adam"
-  config.learning_rate = 1e-3
-  config.lr_schedule = "linear"
-  config.warmup_epochs = 0.0
-  config.weight_decay = 1e-5 if stage == "stage1" else 0.0
-  config.decay_kernels_only = True
-
-  # 2502 steps per epoch at batch 512.
-  config.log_every_steps = 100
-  config.eval_every_steps = 5000
-  config.checkpoint_every_steps = 2500
-  config = default_config.apply_variant(config, variant)
-  if variant == "smoke":
-    _shrink(config)
   return config
-
-
-def _shrink(config):
-  """As ``configs/imagenet_teacher.py``'s smoke (SMOKE there)."""
-  config.data.image_size = 32
-  config.data.eval_split = "train[:32]"
-  config.data.workers = 0
-  config.batch_size = 16
-  config.num_train_steps = 4
-  config.log_every_steps = 2
-  config.eval_every_steps = 4
-  config.checkpoint_every_steps = 4
-  config.model.widths = (16, 32)
-  config.model.stage_sizes = (1, 1)
