@@ -17,6 +17,7 @@ from flax import traverse_util
 
 from cmim_jax import layers, losses, models
 from cmim_jax.models import birealnet
+from torch_twins import parity
 
 # XLA:CPU compiles threefry slowly; rbg keys compile fast.
 KEY = jax.random.key(0, impl="rbg")
@@ -247,8 +248,7 @@ def _assert_tree_close(actual, expected, rtol, what):
 WIDTHS = (16, 32, 64, 128)
 BLOCKS = (1, 1, 1, 1)
 X_SHAPE = (2, 64, 64, 3)
-# Optimising the compiled code costs more time than it saves on these sizes.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = parity.FAST_COMPILE
 
 
 def _twin_and_variables(case, widths, num_classes, seed, blocks=(2, 2, 2, 2)):
@@ -288,34 +288,8 @@ def test_equals_pytorch_twin(case):
   (want_train * torch.from_numpy(ct)).sum().backward()
   want_train = want_train.detach().numpy()
 
-  with jax.enable_x64(True):
-    variables = jax.tree.map(jnp.asarray, birealnet.from_official_state_dict(state))
-    # The converted tree is exactly the model's: same names, same shapes.
-    init_shapes = jax.eval_shape(lambda x: model.init(KEY, x, train=False),
-                                 jax.ShapeDtypeStruct(X_SHAPE, jnp.float64))
-    for col in ("params", "batch_stats"):
-      assert (jax.tree.map(lambda a: a.shape, variables[col])
-              == jax.tree.map(lambda a: a.shape, init_shapes[col])), col
-    params, stats = variables["params"], variables["batch_stats"]
-
-    def run(params, x):
-      logits, sown = model.apply({"params": params, "batch_stats": stats}, x, train=False,
-                                 mutable=[layers.BINARY_ACTS])
-
-      def loss(params, x):
-        logits, new = model.apply({"params": params, "batch_stats": stats}, x, train=True,
-                                  mutable=["batch_stats"])
-        return jnp.sum(logits * ct), (logits, new["batch_stats"])
-
-      if with_grads:
-        grads, aux = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-      else:
-        grads, aux = None, loss(params, x)[1]
-      return logits, sown, grads, aux
-
-    x_j = jnp.asarray(x)
-    compiled = jax.jit(run).lower(params, x_j).compile(FAST_COMPILE)
-    logits, sown, grads, (train_logits, new_stats) = compiled(params, x_j)
+  logits, sown, grads, (train_logits, new_stats) = parity.flax_side(
+      model, birealnet.from_official_state_dict(state), x, ct, key=KEY, with_grads=with_grads)
 
   # Logits leave the model as float32.
   for got, want in ((logits, want_eval), (train_logits, want_train)):

@@ -18,6 +18,7 @@ from flax import traverse_util
 
 from cmim_jax import layers, losses, models, summary, train
 from cmim_jax.models import reactnet_a
+from torch_twins import parity
 
 KEY = jax.random.key(0, impl="rbg")  # XLA:CPU compiles threefry slowly.
 NAMES = ("reactnet_a", "reactnet_a_fp", "reactnet_a_cifar", "reactnet_a_cifar_fp")
@@ -260,7 +261,7 @@ TWIN_CASES = {
 GRAD_CASES = ("reactnet_a", "reactnet_a_step1")
 NUM_CLASSES = 10
 X_SHAPE = (2, 32, 32, 3)
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = parity.FAST_COMPILE
 
 
 def _randomize(twin, seed):
@@ -354,33 +355,8 @@ def test_equals_pytorch_twin(case):
   (want_train * torch.from_numpy(ct)).sum().backward()
   want_train = want_train.detach().numpy()
 
-  with jax.enable_x64(True):
-    variables = jax.tree.map(jnp.asarray, reactnet_a.from_official_state_dict(state))
-    init_shapes = jax.eval_shape(lambda x: model.init(KEY, x, train=False),
-                                 jax.ShapeDtypeStruct(X_SHAPE, jnp.float64))
-    for col in ("params", "batch_stats"):  # The converted tree is exactly the model's.
-      assert (jax.tree.map(lambda a: a.shape, variables[col])
-              == jax.tree.map(lambda a: a.shape, init_shapes[col])), col
-    params, stats = variables["params"], variables["batch_stats"]
-
-    def run(params, x):
-      logits, sown = model.apply({"params": params, "batch_stats": stats}, x, train=False,
-                                 mutable=[layers.BINARY_ACTS])
-
-      def loss(params, x):
-        out, new = model.apply({"params": params, "batch_stats": stats}, x, train=True,
-                               mutable=["batch_stats"])
-        return jnp.sum(out * ct), (out, new["batch_stats"])
-
-      if with_grads:
-        grads, aux = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-      else:
-        grads, aux = None, loss(params, x)[1]
-      return logits, sown, grads, aux
-
-    x_j = jnp.asarray(x)
-    compiled = jax.jit(run).lower(params, x_j).compile(FAST_COMPILE)
-    logits, sown, grads, (train_logits, new_stats) = compiled(params, x_j)
+  logits, sown, grads, (train_logits, new_stats) = parity.flax_side(
+      model, reactnet_a.from_official_state_dict(state), x, ct, key=KEY, with_grads=with_grads)
 
   for got, want in ((logits, want_eval), (train_logits, want_train)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())

@@ -22,9 +22,10 @@ from flax import traverse_util
 
 from cmim_jax import binarize, layers, models
 from cmim_jax.models import sdbnn_convert
+from torch_twins import parity
 
 KEY = jax.random.key(0, impl="rbg")
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = parity.FAST_COMPILE
 X_SHAPE = (2, 32, 32, 3)
 NUM_CLASSES = 10
 # EDE at 2/3 of SD-BNN's ResNet schedule (t from 1e-3 to 10): t = 0.46, k = 1/t.
@@ -148,30 +149,8 @@ def test_equals_pytorch_twin(arch):
   want_train = want_train.detach().numpy()
 
   schedule = {"k": K, "t": T}
-  with jax.enable_x64(True):
-    variables = jax.tree.map(jnp.asarray, convert(state))
-    init_shapes = jax.eval_shape(lambda x: model.init(KEY, x, train=False),
-                                 jax.ShapeDtypeStruct(X_SHAPE, jnp.float64))
-    for col in ("params", "batch_stats"):  # the converted tree is exactly the model's
-      assert (jax.tree.map(lambda a: a.shape, variables[col])
-              == jax.tree.map(lambda a: a.shape, init_shapes[col])), col
-    params, stats = variables["params"], variables["batch_stats"]
-
-    def run(params, x):
-      logits, sown = model.apply({"params": params, "batch_stats": stats}, x, train=False,
-                                 schedule=schedule, mutable=[layers.BINARY_ACTS])
-
-      def loss(params, x):
-        logits, new = model.apply({"params": params, "batch_stats": stats}, x, train=True,
-                                  schedule=schedule, mutable=["batch_stats"])
-        return jnp.sum(logits * ct), (logits, new["batch_stats"])
-
-      grads, aux = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-      return logits, sown, grads, aux
-
-    x_j = jnp.asarray(x)
-    compiled = jax.jit(run).lower(params, x_j).compile(FAST_COMPILE)
-    logits, sown, (grads, grad_x), (train_logits, new_stats) = compiled(params, x_j)
+  logits, sown, (grads, grad_x), (train_logits, new_stats) = parity.flax_side(
+      model, convert(state), x, ct, key=KEY, schedule=schedule)
 
   # The models return float32 logits.
   for got, want in ((logits, want_eval), (train_logits, want_train)):
