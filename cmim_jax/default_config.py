@@ -233,6 +233,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.momentum = 0.9  # SGD momentum.
   config.weight_decay = 1e-4  # L2 (sgd, adam) or decoupled decay (adamw).
   config.decay_kernels_only = True  # Decay conv/dense kernels only, not BN or shifts.
+  config.decay_dense_kernels = True  # False: conv kernels only (ReActNet spares the classifier).
   config.lr_schedule = "cosine"  # cosine | linear | constant, after warm-up.
   config.warmup_epochs = 0.0  # Linear warm-up from 0.
 

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant", "linear")
 
 
-def kernel_mask(params):
-  """True for every leaf called ``kernel``: weight decay hits kernels only."""
+def kernel_mask(params, *, dense: bool = True):
+  """True for every leaf called ``kernel``: weight decay hits kernels only.
+
+  With ``dense=False`` only convolution kernels (4-d: height, width, in, out)
+  are decayed, not a dense classifier's, as ReActNet's trainer does (it
+  decays the parameters that are 4-d or named 'conv').
+  """
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+      lambda path, x: (getattr(path[-1], "key", None) == "kernel"
+                       and (dense or jnp.ndim(x) == 4)), params)
 
 
 def learning_rate_schedule(*, base_lr: float, total_steps: int, warmup_steps: int,
@@ -36,7 +45,7 @@ def learning_rate_schedule(*, base_lr: float, total_steps: int, warmup_steps: in
 
 def create_optimizer(*, name: str, learning_rate: optax.Schedule, momentum: float = 0.9,
                      weight_decay: float = 0.0, decay_kernels_only: bool = True,
-                     decay_mask=None) -> optax.GradientTransformation:
+                     decay_dense_kernels: bool = True, decay_mask=None) -> optax.GradientTransformation:
   """SGD (momentum, PyTorch-style coupled L2), Adam (coupled L2) or AdamW.
 
   Args:
@@ -46,11 +55,15 @@ def create_optimizer(*, name: str, learning_rate: optax.Schedule, momentum: floa
     weight_decay: L2 coefficient (SGD, Adam) or decoupled decay (AdamW).
     decay_kernels_only: decay only leaves named ``kernel`` (not BatchNorm
       scales/biases, binarizer shifts or WSD parameters).
+    decay_dense_kernels: with ``decay_kernels_only``, decay dense kernels too
+      (False: convolution kernels only, as ReActNet's trainer).
     decay_mask: optional ``params -> bool tree``; only leaves True there are
       decayed (combined with ``decay_kernels_only``). The trainer passes one
       that leaves the objectives' heads undecayed.
   """
-  mask = kernel_mask if decay_kernels_only else None
+  mask = None
+  if decay_kernels_only:
+    mask = functools.partial(kernel_mask, dense=decay_dense_kernels)
   if decay_mask is not None:
     outer = mask
     def mask(params):  # pylint: disable=function-redefined

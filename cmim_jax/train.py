@@ -161,7 +161,7 @@ def build_task(config: ml_collections.ConfigDict, info, *, total_steps: int,
   tx = optim.create_optimizer(
       name=config.optimizer, learning_rate=lr, momentum=config.momentum,
       weight_decay=config.weight_decay, decay_kernels_only=config.decay_kernels_only,
-      decay_mask=_model_only)
+      decay_dense_kernels=config.decay_dense_kernels, decay_mask=_model_only)
   return Task(model=model, objectives=terms, tx=tx, learning_rate=lr, info=info,
               augment=info.augment, teacher=teacher, views=step_aux.view_spec(config, info),
               steps_per_epoch=int(steps_per_epoch), total_steps=int(total_steps),

@@ -24,9 +24,7 @@ softmax, the KL at T = 1 up to a constant), teacher torchvision's ResNet-34.
 ``run.sh``'s active line is the 128-epoch setting (lr 2.5e-3):
 ``--config.num_epochs=128 --config.learning_rate=2.5e-3``. Differences that
 remain: its teacher is torchvision's pretrained ResNet-34, here one trained
-by ``configs/imagenet_teacher.py``; its weight decay spares the classifier
-(only 4-d or 'conv'-named parameters), here every ``kernel`` is decayed; its
-linear decay steps once per epoch (here per step); its crops add PCA
+by ``configs/imagenet_teacher.py``; its linear decay steps once per epoch (here per step); its crops add PCA
 lighting noise (0.1; not here). Reported (the official README, "ReActNet
 (Bi-Real based)"): 65.9 top-1; this port has not been trained to it.
 
@@ -81,6 +79,7 @@ def get_config(arg: str = "step1"):
   config.warmup_epochs = 0.0
   config.weight_decay = 1e-5 if step == "step1" else 0.0
   config.decay_kernels_only = True
+  config.decay_dense_kernels = False  # Its decay covers 4-d/'conv' parameters: not the fc.
 
   # 2502 steps per epoch at batch 512.
   config.log_every_steps = 100

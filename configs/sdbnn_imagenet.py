@@ -21,9 +21,9 @@ binary; both stages Adam, lr 1e-3 decayed linearly to 0 over 256 epochs,
 batch 512, a ResNet-34 teacher. Not stated there, taken from ReActNet's
 released trainer, whose Bi-Real code SD-BNN's model file builds on: the loss
 is KD alone at T = 1 (the KL to the teacher's softmax), L2 weight decay 1e-5
-on kernels in stage 1 and 0 in stage 2. Differences that remain: ReActNet's
-trainer does not decay the classifier (here every ``kernel`` is), steps its
-linear decay once per epoch (here per step) and adds PCA lighting noise to
+on convolution kernels (not the classifier) in stage 1 and 0 in stage 2.
+Differences that remain: ReActNet's trainer steps its linear decay once per
+epoch (here per step) and adds PCA lighting noise to
 the random-resized crops (not here). Reported: 66.5 top-1 (stage 2), 67.6
 with real weights (the paper's 32/1 row); this port has not been trained to
 them.

@@ -47,6 +47,7 @@ def test_recipe_matches_the_official_code(module, step):
   for key, value in COMMON.items():
     assert config[key] == value, key
   assert (config.weight_decay, config.decay_kernels_only) == (want["weight_decay"], True)
+  assert not config.decay_dense_kernels  # ReActNet decays 4-d/'conv' parameters, not the fc.
   assert (config.model.name, config.model.kernel_quantizer) == (want["model"],
                                                                 want["kernel_quantizer"])
   assert (config.kd.temperature, config.kd.weight, config.cmim.weight) == (1.0, 1.0, 0.0)

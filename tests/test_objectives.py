@@ -130,6 +130,19 @@ def test_objective_heads_are_not_weight_decayed():
   np.testing.assert_allclose(new["objectives"]["cmim"]["proj"]["kernel"], 1.0)
 
 
+def test_decay_dense_kernels_false_decays_conv_kernels_only():
+  params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "fc": {"kernel": jnp.ones((4, 10))},
+            "bn": {"scale": jnp.ones(4)}}
+  for dense in (True, False):
+    tx = optim.create_optimizer(name="sgd", learning_rate=1.0, momentum=0.0, weight_decay=0.5,
+                                decay_dense_kernels=dense)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    new = optax.apply_updates(params, tx.update(zero, tx.init(params), params)[0])
+    np.testing.assert_allclose(new["conv"]["kernel"], 0.5)
+    np.testing.assert_allclose(new["fc"]["kernel"], 0.5 if dense else 1.0)
+    np.testing.assert_allclose(new["bn"]["scale"], 1.0)
+
+
 def test_merge_matching_lists_new_and_unused_and_names_shape_mismatches():
   target = {"a": {"kernel": np.zeros((2, 3))}, "b": {"scale": np.zeros(3)}}
   source = {"a": {"kernel": np.ones((2, 3))}, "c": {"bias": np.ones(1)}}
