@@ -17,9 +17,8 @@ is the chain's first stage, the teacher. Stages:
 
 Budgets: '' (S2-BNN's recipe scaled to CIFAR: 200 epochs, batch 256, queue
 4096), ``cpu`` (train[:45000], 3 epochs of batch 128 per stage, 405k images
-in all, then probes on cached features: sized for about an hour at ~110
-images/s; NOT yet timed end to end -- the BNN ``moco`` stage ran at 27
-images/s on the development machine's 2 cores under a load average of 14)
+in all, then probes on cached features: 57 minutes for the whole chain on
+the 2-core CPU, README "S2-BNN on CIFAR-10")
 and ``smoke`` (a few steps each, for the test). Every stage uses S2-BNN's optimiser (Adam 3e-4, weight decay 0,
 linear decay to 0), MoCo v2 views on device (colour jitter p 0.6 as S2-BNN's
 code, no blur at 32 pixels), tau 0.2, EMA 0.999 (0.99 for the short budgets,

@@ -92,13 +92,16 @@ def run_chain(budget: str, out: str, *, seed: int = 0, data_dir: str = "", adjus
 def format_table(rows: list[dict], *, budget: str, eval_split: str) -> str:
   """The rows as a Markdown table."""
   lines = [f"| stage | model | objectives | steps (images) | final train loss | "
-           f"linear-probe top-1 on {eval_split} | seed |", "|---|---|---|---|---|---|---|"]
+           f"linear-probe top-1 on {eval_split} | train + probe min | seed |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     top1 = "n/a (no --mode linear_probe)" if r.get("probe_top1") is None else (
         f"{100 * r['probe_top1']:.2f}% of {r.get('probe_examples')}")
     loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
+    minutes = (r.get("train_s") or 0) / 60, (r.get("probe_s") or 0) / 60
     lines.append(f"| {r['stage']} | {r['model']} | {r['objectives']} | {r['steps']} "
-                 f"({r['images_seen']}) | {loss} | {top1} | {r['seed']} |")
+                 f"({r['images_seen']}) | {loss} | {top1} | {minutes[0]:.1f} + "
+                 f"{minutes[1]:.1f} | {r['seed']} |")
   return "\n".join(lines) + f"\n\n(budget: {budget})"
 
 
