@@ -5,7 +5,6 @@ a PyTorch twin written from the official code (tests/torch_twins), and
 compare logits, BatchNorm updates, sown activations and gradients in
 float64. They skip where torch is not installed.
 """
-import copy
 import functools
 
 import chex
@@ -13,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from cmim_jax import layers, losses, models
 from cmim_jax.models import birealnet
@@ -55,8 +53,7 @@ def shapes(name, **kwargs):
   return jax.eval_shape(lambda x: models.get_model(name, **kwargs).init(KEY, x, train=False), X32)
 
 
-def flat(tree):
-  return traverse_util.flatten_dict(dict(tree), sep="/")
+flat = parity.flat
 
 
 class TestStructure:
@@ -182,62 +179,17 @@ GRAD_CASES = ("birealnet18", "reactnet18")
 NUM_CLASSES = 10
 
 
-def _randomize(twin, seed):
-  """Generic values everywhere: BN statistics, shifts and slopes included,
-  and binary kernels wide enough that the clipped STE cuts some of them."""
-  import torch  # pylint: disable=g-import-not-at-top
-  g = torch.Generator().manual_seed(seed)
-
-  def normal(t, std):
-    return torch.randn(t.shape, generator=g, dtype=t.dtype) * std
-
-  def uniform(t, lo, hi):
-    return lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=t.dtype)
-
-  with torch.no_grad():
-    for name, t in list(twin.named_parameters()) + list(twin.named_buffers()):
-      if name.endswith("num_batches_tracked"):
-        continue
-      is_bn = ".bn1." in name or name.startswith("bn1.") or ".downsample.2." in name
-      if name.endswith("running_mean"):
-        t.copy_(normal(t, 0.2))
-      elif name.endswith("running_var"):
-        t.copy_(uniform(t, 0.5, 2.0))
-      elif is_bn and name.endswith("weight"):
-        t.copy_(uniform(t, 0.5, 1.5))
-      elif name.endswith("prelu.weight"):
-        t.copy_(uniform(t, -0.2, 0.6))
-      elif name.endswith("bias"):  # BN, move0/1/2, fc
-        t.copy_(normal(t, 0.2))
-      elif name.endswith("binary_conv.weight"):
-        t.copy_(normal(t, 0.6))
-      else:  # stem, downsample 1x1 and fc kernels: fan-in scaled
-        t.copy_(normal(t, (2.0 / np.prod(t.shape[1:])) ** 0.5))
-
-
-def _bn_counts(twin, x):
-  """Elements per channel each BatchNorm2d normalises over (N*H*W), by name."""
-  import torch  # pylint: disable=g-import-not-at-top
-  counts, hooks = {}, []
-  for name, mod in twin.named_modules():
-    if isinstance(mod, torch.nn.BatchNorm2d):
-      hooks.append(mod.register_forward_pre_hook(
-          lambda m, inp, name=name: counts.__setitem__(name, inp[0].numel() // inp[0].shape[1])))
-  with torch.no_grad():
-    twin.eval()(x)
-  for h in hooks:
-    h.remove()
-  return counts
-
-
-def _assert_tree_close(actual, expected, rtol, what):
-  a, e = flat(actual), flat(expected)
-  assert sorted(a) == sorted(e), what
-  for k in e:
-    ref = np.asarray(e[k])
-    scale = max(float(np.max(np.abs(ref))), 1e-12)
-    np.testing.assert_allclose(np.asarray(a[k]), ref, rtol=rtol, atol=rtol * scale,
-                               err_msg=f"{what}: {k}")
+def _values(name, t, draws):
+  """Generic values: shifts and biases, BN scales, and binary kernels wide
+  enough that the clipped STE cuts some of them (parity.randomize)."""
+  is_bn = ".bn1." in name or name.startswith("bn1.") or ".downsample.2." in name
+  if is_bn and name.endswith("weight"):
+    return draws.uniform(t.shape, 0.5, 1.5)
+  if name.endswith("bias"):  # BN, move0/1/2, fc
+    return draws.normal(t.shape, 0.2)
+  if name.endswith("binary_conv.weight"):
+    return draws.normal(t.shape, 0.6)
+  return None  # stem, downsample 1x1 and fc kernels: fan-in scaled
 
 
 # Compiling dominates these tests, so the parity tests use one block (two
@@ -248,7 +200,6 @@ def _assert_tree_close(actual, expected, rtol, what):
 WIDTHS = (16, 32, 64, 128)
 BLOCKS = (1, 1, 1, 1)
 X_SHAPE = (2, 64, 64, 3)
-FAST_COMPILE = parity.FAST_COMPILE
 
 
 def _twin_and_variables(case, widths, num_classes, seed, blocks=(2, 2, 2, 2)):
@@ -259,7 +210,7 @@ def _twin_and_variables(case, widths, num_classes, seed, blocks=(2, 2, 2, 2)):
                                       units=tuple(2 * b for b in blocks),
                                       binary_acts=binary_acts,
                                       binary_weights=binary_weights).to(torch.float64)
-  _randomize(twin, seed)
+  parity.randomize(twin, seed, _values)
   state = {k: v.numpy().copy() for k, v in twin.state_dict().items()}
   model = models.get_model(case.replace("_step1", ""), num_classes=num_classes,
                            widths=widths, stage_sizes=blocks, dtype=jnp.float64,
@@ -269,31 +220,20 @@ def _twin_and_variables(case, widths, num_classes, seed, blocks=(2, 2, 2, 2)):
 
 @pytest.mark.parametrize("case", list(TWIN_CASES))
 def test_equals_pytorch_twin(case):
-  torch = pytest.importorskip("torch", reason="the PyTorch twin needs torch")
+  pytest.importorskip("torch", reason="the PyTorch twin needs torch")
   binary_acts = TWIN_CASES[case][2]
   with_grads = case in GRAD_CASES
   twin, state, model = _twin_and_variables(case, WIDTHS, NUM_CLASSES, seed=len(case),
                                            blocks=BLOCKS)
   rng = np.random.default_rng(1)
   x = rng.normal(size=X_SHAPE)
-  x_t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   ct = rng.normal(size=(X_SHAPE[0], NUM_CLASSES))
-  counts = _bn_counts(twin, x_t)
-
-  with torch.no_grad():
-    want_eval = twin.eval()(x_t).numpy()
-  train_twin = copy.deepcopy(twin).train()
-  x_req = x_t.clone().requires_grad_(True)
-  want_train = train_twin(x_req)
-  (want_train * torch.from_numpy(ct)).sum().backward()
-  want_train = want_train.detach().numpy()
+  want = parity.torch_side(twin, x, ct)
 
   logits, sown, grads, (train_logits, new_stats) = parity.flax_side(
       model, birealnet.from_official_state_dict(state), x, ct, key=KEY, with_grads=with_grads)
-
-  # Logits leave the model as float32.
-  for got, want in ((logits, want_eval), (train_logits, want_train)):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+  parity.assert_logits_close(logits, want.eval_logits)
+  parity.assert_logits_close(train_logits, want.train_logits)
 
   # Sown activations: the input each binary conv binarizes (after RSign's
   # shift) and its sign, as the twin's units saw them in eval mode.
@@ -304,51 +244,26 @@ def test_equals_pytorch_twin(case):
       break
     path = f"stage{s}_block{u // 2 + 1}/conv{u % 2 + 1}"
     for key in ("a_F", "a_B"):
-      ref = getattr(unit, key).numpy().transpose(0, 2, 3, 1)
-      np.testing.assert_allclose(sown[f"{path}/{key}"][0], ref, rtol=1e-9, atol=1e-9,
-                                 err_msg=f"{path}/{key}")
+      np.testing.assert_allclose(sown[f"{path}/{key}"][0], parity.nhwc(getattr(unit, key)),
+                                 rtol=1e-9, atol=1e-9, err_msg=f"{path}/{key}")
     np.testing.assert_array_equal(np.abs(sown[f"{path}/a_B"][0]), 1.0)
 
   # Gradients (training mode) of every parameter and of the input.
   if with_grads:
-    _assert_grads_close(grads, train_twin, x_req)
+    grads, grad_x = grads
+    torch_grads = birealnet.from_official_state_dict(parity.param_grads(want.train_twin))
+    parity.assert_grads_close(grads, grad_x, torch_grads["params"], want)
+    parity.assert_far_from_zero(grads)
 
-  # Running means match; running variances differ by the known convention:
-  # PyTorch folds in the unbiased batch variance, Flax the biased one.
-  new_t = {k: v.numpy() for k, v in train_twin.state_dict().items()}
-  for k, v in state.items():
-    if k.endswith("running_var"):
-      n = counts[k[:-len(".running_var")]]
-      unbiased = (new_t[k] - 0.9 * v) / 0.1
-      new_t[k] = 0.9 * v + 0.1 * unbiased * (n - 1) / n
-  _assert_tree_close(new_stats, birealnet.from_official_state_dict(new_t)["batch_stats"],
-                     1e-9, "batch_stats")
-
-
-def _assert_grads_close(jax_grads, train_twin, x_req):
-  grads, grad_x = jax_grads
-  torch_grads = birealnet.from_official_state_dict(
-      {n: p.grad.numpy() for n, p in train_twin.named_parameters()})["params"]
-  _assert_tree_close(grads, torch_grads, 1e-5, "param gradients")
-  np.testing.assert_allclose(grad_x, x_req.grad.numpy().transpose(0, 2, 3, 1),
-                             rtol=1e-5, atol=1e-5 * np.abs(grad_x).max())
-  # Every gradient is far from zero, so the comparisons above test something.
-  top = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
-  small = {k: float(np.abs(g).max()) for k, g in flat(grads).items()
-           if np.abs(g).max() < 1e-4 * top}
-  assert not small, small
+  parity.assert_batch_stats_close(new_stats, want, state, birealnet.from_official_state_dict)
 
 
 @pytest.mark.parametrize("case", ["birealnet18", "reactnet18"])
 def test_full_size_logits_equal_pytorch_twin(case):
   """The registered networks at their own widths and 1000 classes."""
-  torch = pytest.importorskip("torch", reason="the PyTorch twin needs torch")
+  pytest.importorskip("torch", reason="the PyTorch twin needs torch")
   twin, state, model = _twin_and_variables(case, (64, 128, 256, 512), 1000, seed=3)
   x = np.random.default_rng(2).normal(size=(1, 64, 64, 3))
-  with torch.no_grad():
-    want = twin.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-  with jax.enable_x64(True):
-    variables = jax.tree.map(jnp.asarray, birealnet.from_official_state_dict(state))
-    got = jax.jit(functools.partial(model.apply, train=False)).lower(
-        variables, jnp.asarray(x)).compile(FAST_COMPILE)(variables, jnp.asarray(x))
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+  parity.assert_logits_close(
+      parity.flax_eval_logits(model, birealnet.from_official_state_dict(state), x),
+      parity.twin_eval_logits(twin, x))

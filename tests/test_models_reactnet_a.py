@@ -6,7 +6,6 @@ The parity tests load the same random weights into both (through
 activations, BatchNorm updates and gradients in float64; they skip where
 torch is not installed.
 """
-import copy
 import functools
 
 import chex
@@ -14,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from cmim_jax import layers, losses, models, summary, train
 from cmim_jax.models import reactnet_a
@@ -65,8 +63,7 @@ def shapes(name, size=32, **kwargs):
                         jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32))
 
 
-def flat(tree):
-  return traverse_util.flatten_dict(dict(tree), sep="/")
+flat = parity.flat
 
 
 class TestStructure:
@@ -261,38 +258,18 @@ TWIN_CASES = {
 GRAD_CASES = ("reactnet_a", "reactnet_a_step1")
 NUM_CLASSES = 10
 X_SHAPE = (2, 32, 32, 3)
-FAST_COMPILE = parity.FAST_COMPILE
 
 
-def _randomize(twin, seed):
-  """Generic values everywhere (BN statistics, shifts, slopes), binary kernels
-  wide enough that the clipped STE cuts some of them."""
-  import torch  # pylint: disable=g-import-not-at-top
-  g = torch.Generator().manual_seed(seed)
-
-  def normal(t, std):
-    return torch.randn(t.shape, generator=g, dtype=t.dtype) * std
-
-  with torch.no_grad():
-    for name, t in list(twin.named_parameters()) + list(twin.named_buffers()):
-      leaf = name.rsplit(".", 1)[-1]
-      is_bn = ".bn" in name
-      if leaf == "num_batches_tracked":
-        continue
-      if leaf == "running_mean":
-        t.copy_(normal(t, 0.2))
-      elif leaf == "running_var":
-        t.copy_(0.5 + 1.5 * torch.rand(t.shape, generator=g, dtype=t.dtype))
-      elif is_bn and leaf == "weight":
-        t.copy_(0.5 + torch.rand(t.shape, generator=g, dtype=t.dtype))
-      elif "prelu" in name:
-        t.copy_(-0.2 + 0.8 * torch.rand(t.shape, generator=g, dtype=t.dtype))
-      elif leaf == "bias":  # BN, move*, fc
-        t.copy_(normal(t, 0.2))
-      elif "binary_" in name:
-        t.copy_(normal(t, 0.6))
-      else:  # stem and fc kernels: fan-in scaled
-        t.copy_(normal(t, (2.0 / np.prod(t.shape[1:])) ** 0.5))
+def _values(name, t, draws):
+  """Generic values: shifts and biases, BN scales, and binary kernels wide
+  enough that the clipped STE cuts some of them (parity.randomize)."""
+  if ".bn" in name and name.endswith(".weight"):
+    return draws.uniform(t.shape, 0.5, 1.5)
+  if name.endswith(".bias"):  # BN, move*, fc
+    return draws.normal(t.shape, 0.2)
+  if "binary_" in name:
+    return draws.normal(t.shape, 0.6)
+  return None  # stem and fc kernels: fan-in scaled
 
 
 def _twin_and_model(case, widths, strides, num_classes, seed):
@@ -301,116 +278,60 @@ def _twin_and_model(case, widths, strides, num_classes, seed):
   kwargs, binary_acts, binary_weights = TWIN_CASES[case]
   twin = reactnet_a_torch.ReActNetATwin(num_classes, widths, strides, binary_acts,
                                         binary_weights).to(torch.float64)
-  _randomize(twin, seed)
+  parity.randomize(twin, seed, _values)
   state = {k: v.numpy().copy() for k, v in twin.state_dict().items()}
   model = models.get_model(case.replace("_step1", ""), num_classes=num_classes,
                            widths=widths, strides=strides, dtype=jnp.float64, **kwargs)
   return twin, state, model
 
 
-def _bn_counts(twin, x):
-  """Values per channel each BatchNorm2d normalises over (N*H*W), by name."""
-  import torch  # pylint: disable=g-import-not-at-top
-  counts, hooks = {}, []
-  for name, mod in twin.named_modules():
-    if isinstance(mod, torch.nn.BatchNorm2d):
-      hooks.append(mod.register_forward_pre_hook(
-          lambda m, inp, name=name: counts.__setitem__(name, inp[0].numel() // inp[0].shape[1])))
-  with torch.no_grad():
-    twin.eval()(x)
-  for h in hooks:
-    h.remove()
-  return counts
-
-
-def _assert_tree_close(actual, expected, rtol, what):
-  a, e = flat(actual), flat(expected)
-  assert sorted(a) == sorted(e), what
-  for k in e:
-    ref = np.asarray(e[k])
-    scale = max(float(np.max(np.abs(ref))), 1e-12)
-    np.testing.assert_allclose(np.asarray(a[k]), ref, rtol=rtol, atol=rtol * scale,
-                               err_msg=f"{what}: {k}")
-
-
 @pytest.mark.parametrize("case", list(TWIN_CASES))
 def test_equals_pytorch_twin(case):
-  torch = pytest.importorskip("torch", reason="the PyTorch twin needs torch")
+  pytest.importorskip("torch", reason="the PyTorch twin needs torch")
   binary_acts = TWIN_CASES[case][1]
   with_grads = case in GRAD_CASES
   twin, state, model = _twin_and_model(case, TWIN_WIDTHS, TWIN_STRIDES, NUM_CLASSES,
                                        seed=len(case))
   rng = np.random.default_rng(1)
   x = rng.normal(size=X_SHAPE)
-  x_t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   ct = rng.normal(size=(X_SHAPE[0], NUM_CLASSES))
-  counts = _bn_counts(twin, x_t)
-
-  with torch.no_grad():
-    want_eval = twin.eval()(x_t).numpy()
-  eval_acts = {i: dict(b.acts) for i, b in enumerate(twin.feature) if i}
-  train_twin = copy.deepcopy(twin).train()
-  x_req = x_t.clone().requires_grad_(True)
-  want_train = train_twin(x_req)
-  (want_train * torch.from_numpy(ct)).sum().backward()
-  want_train = want_train.detach().numpy()
+  want = parity.torch_side(twin, x, ct)
 
   logits, sown, grads, (train_logits, new_stats) = parity.flax_side(
       model, reactnet_a.from_official_state_dict(state), x, ct, key=KEY, with_grads=with_grads)
-
-  for got, want in ((logits, want_eval), (train_logits, want_train)):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+  parity.assert_logits_close(logits, want.eval_logits)
+  parity.assert_logits_close(train_logits, want.train_logits)
 
   # Sown activations: what each binary conv binarizes (after RSign's shift)
   # and its sign, as the twin's blocks saw them in eval mode.
   sown = flat(sown.get(layers.BINARY_ACTS, {}))
   n_convs = sum(1 + c2 // c1 for c1, c2 in zip(TWIN_WIDTHS[:-1], TWIN_WIDTHS[1:]))
   assert len(sown) == (2 * n_convs if binary_acts else 0)
-  if binary_acts:
-    for i, acts in eval_acts.items():
-      convs = {"3x3": ["conv1"],
-               "1x1": (["conv2_1", "conv2_2"] if twin.feature[i].double else ["conv2"])}
-      for key, names in convs.items():
-        for conv in names:
-          for j, what in enumerate(("a_F", "a_B")):
-            ref = acts[key][j].numpy().transpose(0, 2, 3, 1)
-            np.testing.assert_allclose(sown[f"block{i}/{conv}/{what}"][0], ref, rtol=1e-9,
-                                       atol=1e-9, err_msg=f"block{i}/{conv}/{what}")
+  for i, block in enumerate(twin.feature):
+    if not (i and binary_acts):
+      continue
+    convs = {"3x3": ["conv1"], "1x1": (["conv2_1", "conv2_2"] if block.double else ["conv2"])}
+    for key, names in convs.items():
+      for conv in names:
+        for j, what in enumerate(("a_F", "a_B")):
+          np.testing.assert_allclose(sown[f"block{i}/{conv}/{what}"][0],
+                                     parity.nhwc(block.acts[key][j]), rtol=1e-9, atol=1e-9,
+                                     err_msg=f"block{i}/{conv}/{what}")
 
   if with_grads:
     grads, grad_x = grads
-    torch_grads = reactnet_a.from_official_state_dict(
-        {n: p.grad.numpy() for n, p in train_twin.named_parameters()})["params"]
-    _assert_tree_close(grads, torch_grads, 1e-5, "param gradients")
-    np.testing.assert_allclose(grad_x, x_req.grad.numpy().transpose(0, 2, 3, 1),
-                               rtol=1e-5, atol=1e-5 * np.abs(grad_x).max())
-    # Every gradient is far from zero, so the comparisons above test something.
-    top = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
-    small = {k: float(np.abs(g).max()) for k, g in flat(grads).items()
-             if np.abs(g).max() < 1e-4 * top}
-    assert not small, small
+    torch_grads = reactnet_a.from_official_state_dict(parity.param_grads(want.train_twin))
+    parity.assert_grads_close(grads, grad_x, torch_grads["params"], want)
+    parity.assert_far_from_zero(grads)
 
-  # Running means match; running variances differ by the known convention:
-  # PyTorch folds in the unbiased batch variance, Flax the biased one.
-  new_t = {k: v.numpy() for k, v in train_twin.state_dict().items()}
-  for k, v in state.items():
-    if k.endswith("running_var"):
-      n = counts[k[:-len(".running_var")]]
-      unbiased = (new_t[k] - 0.9 * v) / 0.1
-      new_t[k] = 0.9 * v + 0.1 * unbiased * (n - 1) / n
-  _assert_tree_close(new_stats, reactnet_a.from_official_state_dict(new_t)["batch_stats"],
-                     1e-9, "batch_stats")
+  parity.assert_batch_stats_close(new_stats, want, state, reactnet_a.from_official_state_dict)
 
 
 def test_full_size_logits_equal_pytorch_twin():
   """The registered network at its own widths, strides and 1000 classes."""
-  torch = pytest.importorskip("torch", reason="the PyTorch twin needs torch")
+  pytest.importorskip("torch", reason="the PyTorch twin needs torch")
   twin, state, model = _twin_and_model("reactnet_a", WIDTHS, reactnet_a.STRIDES, 1000, seed=3)
   x = np.random.default_rng(2).normal(size=(1, 64, 64, 3))
-  with torch.no_grad():
-    want = twin.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-  with jax.enable_x64(True):
-    variables = jax.tree.map(jnp.asarray, reactnet_a.from_official_state_dict(state))
-    got = jax.jit(functools.partial(model.apply, train=False)).lower(
-        variables, jnp.asarray(x)).compile(FAST_COMPILE)(variables, jnp.asarray(x))
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+  parity.assert_logits_close(
+      parity.flax_eval_logits(model, reactnet_a.from_official_state_dict(state), x),
+      parity.twin_eval_logits(twin, x))

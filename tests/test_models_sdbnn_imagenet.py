@@ -6,7 +6,6 @@ same random weights, float64, logits (eval and train), BatchNorm updates,
 sown activations and every gradient, for stage 1 (real weights) and stage 2
 (WSD weights). The twin tests skip where torch is not installed.
 """
-import copy
 import functools
 
 import chex
@@ -14,22 +13,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from cmim_jax import layers, losses, models, quantizers
 from cmim_jax.models import sdbnn_imagenet
 from torch_twins import parity
 
 KEY = jax.random.key(0, impl="rbg")
-FAST_COMPILE = parity.FAST_COMPILE
 # (c_in, c_out) of the 16 binary 3x3 convs.
 UNITS = ([(64, 64)] * 4 + [(64, 128)] + [(128, 128)] * 3 + [(128, 256)] + [(256, 256)] * 3
          + [(256, 512)] + [(512, 512)] * 3)
 BIREALNET18 = 11_689_512  # torchvision resnet18's count (tests/test_models_imagenet.py)
 
 
-def flat(tree):
-  return traverse_util.flatten_dict(dict(tree), sep="/")
+flat = parity.flat
 
 
 def test_param_count_and_layout():
@@ -91,63 +87,25 @@ NUM_CLASSES = 10
 CASES = {"stage2": True, "stage1": False}  # binary weights
 
 
+def _values(name, t, draws):
+  """Generic values: WSD logits, BN affines, ASD weights, and latent kernels
+  wide enough that the clipped STE cuts some of them (parity.randomize)."""
+  if name.endswith("binary_conv.weights"):
+    return draws.normal(t.shape, 0.7)
+  if name.endswith("binary_conv.alpha"):
+    return draws.normal(t.shape, 1.0)
+  if t.ndim == 1:  # BN scale/bias, fc bias
+    return (1.0 if name.endswith("weight") else 0.0) + draws.normal(t.shape, 0.2)
+  return None  # stem, downsample, ASD and fc kernels: fan-in scaled
+
+
 def _randomize(twin, seed):
-  """Generic values everywhere: BN statistics, slopes, WSD logits, ASD
-  weights, and latent kernels with per-channel means (WSD shifts by them)
-  wide enough that the clipped STE cuts some of them."""
   import torch  # pylint: disable=g-import-not-at-top
-  g = torch.Generator().manual_seed(seed)
-
-  def normal(t, std):
-    return torch.randn(t.shape, generator=g, dtype=t.dtype) * std
-
+  draws = parity.randomize(twin, seed, _values)
   with torch.no_grad():
-    for name, t in list(twin.named_parameters()) + list(twin.named_buffers()):
-      if name.endswith("num_batches_tracked"):
-        continue
-      if name.endswith("running_mean"):
-        t.copy_(normal(t, 0.2))
-      elif name.endswith("running_var"):
-        t.copy_(0.5 + 1.5 * torch.rand(t.shape, generator=g, dtype=t.dtype))
-      elif name.endswith("prelu.weight"):
-        t.copy_(-0.2 + 0.8 * torch.rand(t.shape, generator=g, dtype=t.dtype))
-      elif name.endswith("binary_conv.weights"):
-        t.copy_(normal(t, 0.7))
-      elif name.endswith("binary_conv.alpha"):
-        t.copy_(normal(t, 1.0))
-      elif t.ndim == 1:  # BN scale/bias, fc bias
-        t.copy_((1.0 if name.endswith("weight") else 0.0) + normal(t, 0.2))
-      else:  # stem, downsample, ASD and fc kernels: fan-in scaled
-        t.copy_(normal(t, (2.0 / np.prod(t.shape[1:])) ** 0.5))
     for _, _, unit in twin.units():  # per-output-channel means for WSD to shift by
       conv = unit.binary_conv
-      w = conv.weights.view(conv.shape)
-      w.add_(normal(torch.empty(conv.shape[0], 1, 1, 1, dtype=w.dtype), 0.5))
-
-
-def _bn_counts(twin, x):
-  """Elements per channel each BatchNorm2d normalises over (N*H*W), by name."""
-  import torch  # pylint: disable=g-import-not-at-top
-  counts, hooks = {}, []
-  for name, mod in twin.named_modules():
-    if isinstance(mod, torch.nn.BatchNorm2d):
-      hooks.append(mod.register_forward_pre_hook(
-          lambda m, inp, name=name: counts.__setitem__(name, inp[0].numel() // inp[0].shape[1])))
-  with torch.no_grad():
-    twin.eval()(x)
-  for h in hooks:
-    h.remove()
-  return counts
-
-
-def _assert_tree_close(actual, expected, rtol, what):
-  a, e = flat(actual), flat(expected)
-  assert sorted(a) == sorted(e), what
-  for k in e:
-    ref = np.asarray(e[k])
-    scale = max(float(np.max(np.abs(ref))), 1e-12)
-    np.testing.assert_allclose(np.asarray(a[k]), ref, rtol=rtol, atol=rtol * scale,
-                               err_msg=f"{what}: {k}")
+      conv.weights.view(conv.shape).add_(draws.normal((conv.shape[0], 1, 1, 1), 0.5))
 
 
 def _twin_and_model(binary_weights, widths, num_classes, seed, blocks=(2, 2, 2, 2)):
@@ -166,7 +124,7 @@ def _twin_and_model(binary_weights, widths, num_classes, seed, blocks=(2, 2, 2, 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_equals_pytorch_twin(case):
-  torch = pytest.importorskip("torch", reason="the PyTorch twin needs torch")
+  pytest.importorskip("torch", reason="the PyTorch twin needs torch")
   binary_weights = CASES[case]
   convert = functools.partial(sdbnn_imagenet.from_official_state_dict,
                               binary_weights=binary_weights)
@@ -174,23 +132,13 @@ def test_equals_pytorch_twin(case):
                                        blocks=BLOCKS)
   rng = np.random.default_rng(1)
   x = rng.normal(size=X_SHAPE)
-  x_t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   ct = rng.normal(size=(X_SHAPE[0], NUM_CLASSES))
-  counts = _bn_counts(twin, x_t)
-
-  with torch.no_grad():
-    want_eval = twin.eval()(x_t).numpy()
-  train_twin = copy.deepcopy(twin).train()
-  x_req = x_t.clone().requires_grad_(True)
-  want_train = train_twin(x_req)
-  (want_train * torch.from_numpy(ct)).sum().backward()
-  want_train = want_train.detach().numpy()
+  want = parity.torch_side(twin, x, ct)
 
   logits, sown, (grads, grad_x), (train_logits, new_stats) = parity.flax_side(
       model, convert(state), x, ct, key=KEY)
-
-  for got, want in ((logits, want_eval), (train_logits, want_train)):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+  parity.assert_logits_close(logits, want.eval_logits)
+  parity.assert_logits_close(train_logits, want.train_logits)
 
   # Sown activations: ASD's shifted input of each binary conv and its sign.
   sown = flat(sown[layers.BINARY_ACTS])
@@ -198,42 +146,28 @@ def test_equals_pytorch_twin(case):
   for s, u, unit in twin.units():
     path = f"stage{s}_block{u // 2 + 1}/conv{u % 2 + 1}"
     for key in ("a_F", "a_B"):
-      ref = getattr(unit.binary_conv, key).detach().numpy().transpose(0, 2, 3, 1)
-      np.testing.assert_allclose(sown[f"{path}/{key}"][0], ref, rtol=1e-9, atol=1e-9,
-                                 err_msg=f"{path}/{key}")
+      np.testing.assert_allclose(sown[f"{path}/{key}"][0],
+                                 parity.nhwc(getattr(unit.binary_conv, key)), rtol=1e-9,
+                                 atol=1e-9, err_msg=f"{path}/{key}")
 
   # Gradients of every parameter (WSD's a in stage 2 included) and the input.
   # (Stage 1 leaves the code's alpha unused: no gradient, and not converted.)
-  torch_grads = convert({n: p.grad.numpy() for n, p in train_twin.named_parameters()
-                         if p.grad is not None})
-  _assert_tree_close(grads, torch_grads["params"], 1e-5, "param gradients")
-  np.testing.assert_allclose(grad_x, x_req.grad.numpy().transpose(0, 2, 3, 1),
-                             rtol=1e-5, atol=1e-5 * np.abs(grad_x).max())
+  torch_grads = convert(parity.param_grads(want.train_twin))
+  parity.assert_grads_close(grads, grad_x, torch_grads["params"], want)
   assert ("stage1_block1/conv1/a" in flat(grads)) == binary_weights
   for k, g in flat(grads).items():  # every gradient is nonzero: the comparison tests something
     assert np.abs(g).max() > 0, k
   if binary_weights:  # the clipped STE cut some kernel gradients, not all
     assert 0 < np.mean(np.asarray(grads["stage2_block1"]["conv1"]["kernel"]) == 0) < 1
 
-  # Running means match; running variances differ by the known convention:
-  # PyTorch folds in the unbiased batch variance, Flax the biased one.
-  new_t = {k: v.numpy() for k, v in train_twin.state_dict().items()}
-  for k, v in state.items():
-    if k.endswith("running_var"):
-      n = counts[k[:-len(".running_var")]]
-      new_t[k] = 0.9 * v + 0.1 * (new_t[k] - 0.9 * v) / 0.1 * (n - 1) / n
-  _assert_tree_close(new_stats, convert(new_t)["batch_stats"], 1e-9, "batch_stats")
+  parity.assert_batch_stats_close(new_stats, want, state, convert)
 
 
 def test_full_size_logits_equal_pytorch_twin():
   """The registered network at its own widths and 1000 classes (stage 2)."""
-  torch = pytest.importorskip("torch", reason="the PyTorch twin needs torch")
+  pytest.importorskip("torch", reason="the PyTorch twin needs torch")
   twin, state, model = _twin_and_model(True, (64, 128, 256, 512), 1000, seed=3)
   x = np.random.default_rng(2).normal(size=(1, 64, 64, 3))
-  with torch.no_grad():
-    want = twin.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-  with jax.enable_x64(True):
-    variables = jax.tree.map(jnp.asarray, sdbnn_imagenet.from_official_state_dict(state))
-    got = jax.jit(functools.partial(model.apply, train=False)).lower(
-        variables, jnp.asarray(x)).compile(FAST_COMPILE)(variables, jnp.asarray(x))
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+  parity.assert_logits_close(
+      parity.flax_eval_logits(model, sdbnn_imagenet.from_official_state_dict(state), x),
+      parity.twin_eval_logits(twin, x))

@@ -10,15 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from cmim_jax import layers, models, train
 from cmim_jax.models import tv_resnet
+from torch_twins import parity
 
 KEY = jax.random.key(0, impl="rbg")
 NAMES = ("tv_resnet18", "tv_resnet34", "tv_resnet50")
-# Compiling dominates; optimising the compiled code costs more than it saves.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = parity.FAST_COMPILE
 
 
 def _torchvision_resnet():
@@ -49,8 +48,7 @@ def _randomize(net, seed):
                 * (2.0 / np.prod(t.shape[1:])) ** 0.5)
 
 
-def _flat(tree):
-  return traverse_util.flatten_dict(dict(tree), sep="/")
+_flat = parity.flat
 
 
 @pytest.mark.parametrize("name,expected", [
