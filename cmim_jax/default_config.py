@@ -24,6 +24,10 @@ Importing this module imports neither JAX nor tensorflow_datasets, so a
 config can be read, printed and checked on a machine without an accelerator.
 """
 
+import importlib.util
+import os
+import types
+
 import ml_collections
 
 
@@ -283,3 +287,18 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
       config.data.image_size = min(config.data.image_size, 64)
     return config
   raise ValueError(f"unknown config argument {variant!r}; known: '', 'smoke'.")
+
+
+def sibling_config(config_file: str, name: str) -> types.ModuleType:
+  """The config file ``name`` in the folder of ``config_file``, loaded by path.
+
+  Config files are loaded by path (``--config configs/x.py``), not imported
+  as a package, so a config that builds on another loads it this way:
+  ``default_config.sibling_config(__file__, "imagenet.py").get_config()``.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  spec = importlib.util.spec_from_file_location(
+      "_cmim_jax_config_" + os.path.splitext(name)[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -34,8 +34,8 @@ any folder of 1000 class folders of JPEGs of any size will do for it.
 from cmim_jax import default_config
 
 
-def get_config(variant: str = ""):
-  config = default_config.get_config()
+def set_data(config):
+  """ImageNet as every ImageNet config here reads it (this file's docstring)."""
   config.data.name = "imagenet2012"
   config.data.source = "auto"  # Shards, else an image folder, else tfds.
   config.data.pipeline = "stream"
@@ -43,6 +43,11 @@ def get_config(variant: str = ""):
   config.data.image_size = 224
   config.data.train_split = "train"
   config.data.eval_split = "validation"
+  return config
+
+
+def get_config(variant: str = ""):
+  config = set_data(default_config.get_config())
 
   config.model.name = "birealnet18"
   # '' keeps the model's own quantizers (Bi-Real's; identity for birealnet18_fp).

@@ -27,22 +27,15 @@ time), 32x32 crops, 4 steps of 16 (``SMOKE`` below)::
 
 from cmim_jax import default_config
 
-# The ``smoke`` shrink shared by the ImageNet recipe configs (each file
-# repeats it: a config file is loaded by path and imports only cmim_jax).
+# The ``smoke`` shrink of the ImageNet recipe configs (``shrink`` below).
 SMOKE = dict(image_size=32, batch_size=16, steps=4, eval_split="train[:32]",
              widths=(16, 32), stage_sizes=(1, 1))
 
 
 def get_config(variant: str = ""):
-  config = default_config.get_config()
-  config.data.name = "imagenet2012"
-  config.data.source = "auto"  # Shards, else an image folder, else tfds.
-  config.data.pipeline = "stream"
-  config.data.augment = "auto"  # 'host': random-resized crop + flip in the workers.
-  config.data.image_size = 224
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"
-
+  # configs/imagenet.py's data.
+  config = default_config.sibling_config(__file__, "imagenet.py").set_data(
+      default_config.get_config())
   config.model.name = "tv_resnet34"
   config.objectives = "ce"
   config.cmim.weight = 0.0
@@ -63,11 +56,12 @@ def get_config(variant: str = ""):
   config.checkpoint_every_steps = 2500
   config = default_config.apply_variant(config, variant)
   if variant == "smoke":
-    _shrink(config)
+    shrink(config)
   return config
 
 
-def _shrink(config):
+def shrink(config):
+  """The ``smoke`` shrink (``SMOKE``), shared with ``configs/reactnet_imagenet.py``."""
   config.data.image_size = SMOKE["image_size"]
   config.data.eval_split = SMOKE["eval_split"]
   config.data.workers = 0  # In-process decoding: no worker start-up for 64 images.

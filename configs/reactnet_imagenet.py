@@ -51,14 +51,9 @@ def get_config(arg: str = "step1"):
   if step not in STEPS:
     raise ValueError(f"unknown ReActNet step {step!r}; known: {', '.join(STEPS)} "
                      "(e.g. --config configs/reactnet_imagenet.py:step2 or :step1,smoke).")
-  config = default_config.get_config()
-  config.data.name = "imagenet2012"
-  config.data.source = "auto"
-  config.data.pipeline = "stream"
-  config.data.augment = "auto"  # 'host': random-resized crop (0.08-1) + flip.
-  config.data.image_size = 224
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"
+  # configs/imagenet.py's data: random-resized crop (0.08-1) + flip.
+  config = default_config.sibling_config(__file__, "imagenet.py").set_data(
+      default_config.get_config())
 
   config.model.name = "reactnet18"
   config.model.input_quantizer = ""
@@ -87,19 +82,5 @@ def get_config(arg: str = "step1"):
   config.checkpoint_every_steps = 2500
   config = default_config.apply_variant(config, variant)
   if variant == "smoke":
-    _shrink(config)
+    default_config.sibling_config(__file__, "imagenet_teacher.py").shrink(config)
   return config
-
-
-def _shrink(config):
-  """As ``configs/imagenet_teacher.py``'s smoke (SMOKE there)."""
-  config.data.image_size = 32
-  config.data.eval_split = "train[:32]"
-  config.data.workers = 0
-  config.batch_size = 16
-  config.num_train_steps = 4
-  config.log_every_steps = 2
-  config.eval_every_steps = 4
-  config.checkpoint_every_steps = 4
-  config.model.widths = (16, 32)
-  config.model.stage_sizes = (1, 1)

@@ -60,14 +60,9 @@ def get_config(arg: str = "calibration,step2"):
     raise ValueError(f"unknown S2-BNN ImageNet argument {arg!r}: write ROW,STEP[,smoke] with ROW "
                      f"in {list(ROWS[1:])} and STEP in {list(STEPS)}, or 'moco_baseline' "
                      "(one step), e.g. --config configs/s2bnn_imagenet.py:calibration,step1.")
-  config = default_config.get_config()
-  config.data.name = "imagenet2012"
-  config.data.source = "auto"
-  config.data.pipeline = "stream"
-  config.data.augment = "none"  # The views are drawn on device.
-  config.data.image_size = 224
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"
+  config = default_config.sibling_config(__file__, "imagenet.py").set_data(
+      default_config.get_config())  # configs/imagenet.py's data,
+  config.data.augment = "none"  # but the views are drawn on device.
   config.model.name = "reactnet_a"
   config.model.input_quantizer = ""
   config.model.kernel_quantizer = "identity" if step == "step1" else ""

@@ -41,18 +41,7 @@ full network, at a fraction of its compile time; 32x32 crops, 4 steps)::
       $D --config.teacher=$T --config.init_from=$S1
 """
 
-import importlib.util
-import os
-
-
-def _load_reactnet_recipe():
-  """``configs/reactnet_imagenet.py``, loaded by path (configs are files, not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reactnet_imagenet.py")
-  spec = importlib.util.spec_from_file_location("_reactnet_imagenet_recipe", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
+from cmim_jax import default_config
 
 STAGES = ("stage1", "stage2")
 
@@ -64,7 +53,8 @@ def get_config(arg: str = "stage1"):
     raise ValueError(f"unknown SD-BNN ImageNet stage {stage!r}; known: {', '.join(STAGES)} "
                      "(e.g. --config configs/sdbnn_imagenet.py:stage2 or :stage1,smoke).")
   step = {"stage1": "step1", "stage2": "step2"}[stage]
-  config = _load_reactnet_recipe().get_config(f"{step},{variant}" if variant else step)
+  recipe = default_config.sibling_config(__file__, "reactnet_imagenet.py")
+  config = recipe.get_config(f"{step},{variant}" if variant else step)
   config.model.name = "birealnet18_sdbnn"
   # Stage 1 has real weights (``kernel_quantizer='identity'``, set by the
   # recipe): the model then has no WSD 'a'; stage 2 adds it at 0.

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from cmim_jax import metric_writers, models, teachers, train
-from configs import imagenet_teacher, reactnet_imagenet, sdbnn_imagenet
+from configs import (imagenet, imagenet_teacher, reactnet_imagenet, s2bnn_imagenet,
+                     sdbnn_imagenet)
 
 # liuzechun/ReActNet resnet/{1_step1,2_step2}: train.py's argparse defaults
 # (batch 512, lr 1e-3, 256 epochs), run.sh (weight decay 1e-5 then 0), Adam,
@@ -74,6 +75,28 @@ def test_teacher_is_a_torchvision_resnet34():
 def test_unknown_step_names_the_known_ones(module, arg, known):
   with pytest.raises(ValueError, match=known):
     module.get_config(arg)
+
+
+def test_recipes_read_imagenet_as_configs_imagenet_does():
+  # Each is built on configs/imagenet.py's data section, and the two-step
+  # recipes' smoke on the teacher's shrink, through default_config.sibling_config.
+  want = imagenet.get_config().data.to_dict()
+  for config in (imagenet_teacher.get_config(), reactnet_imagenet.get_config("step2"),
+                 sdbnn_imagenet.get_config("stage1")):
+    assert config.data.to_dict() == want
+  s2bnn = s2bnn_imagenet.get_config("calibration,step2").data.to_dict()
+  assert s2bnn.pop("augment") == "none"  # its views are drawn on device
+  assert s2bnn == {k: v for k, v in want.items() if k != "augment"}
+
+  def smoke(c):
+    return (c.data.image_size, c.data.eval_split, c.data.workers, c.batch_size,
+            c.num_train_steps, c.checkpoint_every_steps, c.model.widths, c.model.stage_sizes)
+
+  teacher = smoke(imagenet_teacher.get_config("smoke"))
+  assert teacher == (32, "train[:32]", 0, 16, 4, 4, (16, 32), (1, 1))
+  for config in (reactnet_imagenet.get_config("step1,smoke"),
+                 sdbnn_imagenet.get_config("stage2,smoke")):
+    assert smoke(config) == teacher
 
 
 # ---------------------------------------------------------------------------
