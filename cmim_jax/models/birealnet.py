@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmim_jax import layers
-from cmim_jax.models import registry, resnet
+from cmim_jax.models import registry, resnet, torch_convert
 
 Array = jax.Array
 ModuleDef = Any
@@ -114,12 +114,7 @@ reactnet18 = registry.register("reactnet18")(ReActNet18)
 reactnet18_fp = registry.register("reactnet18_fp")(functools.partial(ReActNet18, **_FP))
 
 
-def _bn(official: str, module: str) -> dict[str, tuple[str, str, str]]:
-  """The four entries of an official ``BatchNorm2d`` named ``official``."""
-  return {f"{official}.{name}": (module, leaf, "") for name, leaf in
-          (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"),
-           ("running_var", "var"))}
-
+_bn = torch_convert.batch_norm
 
 # Official unit parameter -> (module inside conv{j}'s block, leaf, transform).
 _UNIT_KEYS: dict[str, tuple[str, str, str]] = {
@@ -139,18 +134,28 @@ _TOP_KEYS: dict[str, tuple[str, str, str]] = {
     "fc.weight": ("fc", "kernel", "transpose"),
     "fc.bias": ("fc", "bias", ""),
 }
-_BATCH_STATS = ("mean", "var")
 
 
-def _convert(value: np.ndarray, how: str) -> np.ndarray:
-  if how == "oihw":
-    return np.transpose(value, (2, 3, 1, 0))
-  if how == "transpose":
-    return value.T
-  if how in ("channel", "neg_channel"):
-    flat = value.reshape(-1)
-    return -flat if how == "neg_channel" else flat
-  return value
+def unit_spec(name: str, unit_keys: Mapping[str, tuple[str, str, str]],
+              top_keys: Mapping[str, tuple[str, str, str]]):
+  """``(spec, module prefix, j)`` of an official Bi-Real ResNet name, or
+  ``(None, '', 0)``: unit ``u`` (0-based) of ``layer{s}`` is ``conv{j}``,
+  ``j = u % 2 + 1``, of ``stage{s}_block{u // 2 + 1}``, its entry in
+  ``unit_keys``; other names are looked up in ``top_keys``."""
+  m = re.fullmatch(r"layer(\d+)\.(\d+)\.(.+)", name)
+  if m:
+    unit = int(m.group(2))
+    return (unit_keys.get(m.group(3)), f"stage{int(m.group(1))}_block{unit // 2 + 1}/",
+            unit % 2 + 1)
+  return top_keys.get(name), "", 0
+
+
+def _place(name: str, value: np.ndarray):
+  spec, prefix, j = unit_spec(name, _UNIT_KEYS, _TOP_KEYS)
+  if spec is None:
+    return None
+  module, leaf, how = spec
+  return prefix + module.format(j=j), leaf, torch_convert.transform(value, how)
 
 
 def from_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict]:
@@ -175,32 +180,6 @@ def from_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict]:
     ValueError: a key that is neither a Bi-Real nor a ReActNet parameter
       (all such keys are listed).
   """
-  variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
-  unknown = []
-  for key, value in state_dict.items():
-    name = key[len("module."):] if key.startswith("module.") else key
-    if name.endswith("num_batches_tracked"):
-      continue
-    m = re.fullmatch(r"layer(\d+)\.(\d+)\.(.+)", name)
-    if m:
-      spec = _UNIT_KEYS.get(m.group(3))
-      unit = int(m.group(2))
-      prefix = f"stage{int(m.group(1))}_block{unit // 2 + 1}/"
-      j = unit % 2 + 1
-    else:
-      spec, prefix, j = _TOP_KEYS.get(name), "", 0
-    if spec is None:
-      unknown.append(key)
-      continue
-    module, leaf, how = spec
-    col = "batch_stats" if leaf in _BATCH_STATS else "params"
-    node = variables[col]
-    for part in (prefix + module.format(j=j)).split("/"):
-      node = node.setdefault(part, {})
-    node[leaf] = _convert(np.asarray(value), how)
-  if unknown:
-    raise ValueError(f"not parameters of the official Bi-Real/ReActNet ResNet "
-                     f"(BiRealNet(BasicBlock, [4, 4, 4, 4])): {unknown}")
-  if not variables["batch_stats"]:
-    del variables["batch_stats"]
-  return variables
+  return torch_convert.to_variables(
+      state_dict, _place, "the official Bi-Real/ReActNet ResNet "
+      "(BiRealNet(BasicBlock, [4, 4, 4, 4]))")

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmim_jax import binarize, layers
-from cmim_jax.models import common, registry
+from cmim_jax.models import common, registry, torch_convert
 
 Array = jax.Array
 ModuleDef = Any
@@ -197,19 +197,8 @@ _BLOCK_KEYS: dict[str, tuple[str, str, str]] = {
     "prelu2.weight": ("act2", "slope", ""),
     "move23.bias": ("act2", "zeta", "channel"),
 }
-_BN_LEAVES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+_BN_LEAVES = torch_convert.BN_LEAVES
 _BLOCK_CONVS = {"binary_3x3": 3, "binary_pw": 1, "binary_pw_down1": 1, "binary_pw_down2": 1}
-
-
-def _convert(value: np.ndarray, how: str) -> np.ndarray:
-  if how == "oihw":
-    return np.transpose(value, (2, 3, 1, 0))
-  if how == "transpose":
-    return value.T
-  if how in ("channel", "neg_channel"):
-    flat = value.reshape(-1)
-    return -flat if how == "neg_channel" else flat
-  return value
 
 
 def _spec(name: str, value: np.ndarray) -> Optional[tuple[str, str, str, np.ndarray]]:
@@ -278,28 +267,17 @@ def from_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict]:
   """
   if isinstance(state_dict.get("state_dict"), Mapping):
     state_dict = state_dict["state_dict"]  # {'epoch', 'state_dict', 'best_top1_acc', ...}
-  variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
-  unknown = []
-  for key, value in state_dict.items():
-    name = key[len("module."):] if key.startswith("module.") else key
-    if name.endswith("num_batches_tracked"):
-      continue
-    spec = _spec(name, np.asarray(value))
+
+  def place(name: str, value: np.ndarray):
+    spec = _spec(name, value)
     if spec is None:
-      unknown.append(key)
-      continue
+      return None
     module, leaf, how, value = spec
-    col = "batch_stats" if leaf in ("mean", "var") else "params"
-    node = variables[col]
-    for part in module.split("/"):
-      node = node.setdefault(part, {})
-    node[leaf] = _convert(value, how)
-  if unknown:
-    raise ValueError(f"not parameters of the official ReActNet-A (liuzechun/ReActNet "
-                     f"mobilenet/reactnet.py): {unknown}")
+    return module, leaf, torch_convert.transform(value, how)
+
+  variables = torch_convert.to_variables(
+      state_dict, place, "the official ReActNet-A (liuzechun/ReActNet mobilenet/reactnet.py)")
   _drop_unused_pointwise(variables)
-  if not variables["batch_stats"]:
-    del variables["batch_stats"]
   return variables
 
 

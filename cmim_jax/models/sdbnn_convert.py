@@ -17,13 +17,14 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from cmim_jax.models import torch_convert
+
 ARCHS = ("resnet20_sdbnn", "resnet18_sdbnn", "vgg_small_sdbnn")
 _SOURCES = {"resnet20_sdbnn": "cifar10/ResNet20/resnet.py (resnet20_1w1a)",
             "resnet18_sdbnn": "cifar10/ResNet18/resnet.py (ResNet18)",
             "vgg_small_sdbnn": "cifar10/VGG-Small/vgg.py (vgg_small_1w1a)"}
 # Official leaf -> (sub-module, leaf, transform).
-_BN = {"weight": ("", "scale", ""), "bias": ("", "bias", ""),
-       "running_mean": ("", "mean", ""), "running_var": ("", "var", "")}
+_BN = {name: ("", leaf, "") for name, leaf in torch_convert.BN_LEAVES.items()}
 _BINARY_CONV = {"weight": ("", "kernel", "oihw"), "alpha": ("", "a", ""),
                 "dybeta.fc.0.weight": ("/input_shift/fc1", "kernel", "transpose"),
                 "dybeta.fc.2.weight": ("/input_shift/fc2", "kernel", "transpose")}
@@ -58,10 +59,6 @@ def _module_of(arch: str, module: str) -> Optional[tuple[str, dict]]:
 
 
 def _transform(value: np.ndarray, how: str, channels: int) -> np.ndarray:
-  if how == "oihw":
-    return np.transpose(value, (2, 3, 1, 0))
-  if how == "transpose":
-    return value.T
   if how == "nchw_flat":
     # PyTorch flattens the last feature map as (C, H, W), Flax as (H, W, C).
     side = math.isqrt(value.shape[1] // channels)
@@ -69,7 +66,7 @@ def _transform(value: np.ndarray, how: str, channels: int) -> np.ndarray:
       raise ValueError(f"fc.weight {value.shape} is not a square map of {channels} channels")
     out = value.reshape(value.shape[0], channels, side, side)
     return np.transpose(out, (2, 3, 1, 0)).reshape(-1, value.shape[0])
-  return value
+  return torch_convert.transform(value, how)
 
 
 def from_official_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict[str, dict]:
@@ -95,15 +92,11 @@ def from_official_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict[s
   """
   if arch not in ARCHS:
     raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
-  sd = {(k[len("module."):] if k.startswith("module.") else k): np.asarray(v)
-        for k, v in state_dict.items()}
   # VGG-small's classifier reads the last conv's channels (bn5's width).
-  channels = sd["bn5.weight"].shape[0] if "bn5.weight" in sd else 0
-  variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
-  unknown = []
-  for name, value in sd.items():
-    if name.endswith("num_batches_tracked"):
-      continue
+  channels = next((np.shape(v)[0] for k, v in state_dict.items()
+                   if torch_convert.strip_module(k) == "bn5.weight"), 0)
+
+  def place(name: str, value: np.ndarray):
     found, spec, parts = None, None, name.split(".")
     for cut in range(len(parts) - 1, 0, -1):  # longest module name first
       module, leaf = ".".join(parts[:cut]), ".".join(parts[cut:])
@@ -112,17 +105,10 @@ def from_official_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict[s
         spec = found[1][leaf]
         break
     if spec is None:
-      unknown.append(name)
-      continue
+      return None
     sub, leaf, how = spec
     if how == "nchw_flat" and not channels:
       raise ValueError("converting fc.weight of vgg_small_sdbnn needs bn5.weight in the state_dict")
-    node = variables["batch_stats" if leaf in ("mean", "var") else "params"]
-    for part in (found[0] + sub).split("/"):
-      node = node.setdefault(part, {})
-    node[leaf] = _transform(value, how, channels)
-  if unknown:
-    raise ValueError(f"not parameters of SD-BNN's {_SOURCES[arch]}: {unknown}")
-  if not variables["batch_stats"]:
-    del variables["batch_stats"]
-  return variables
+    return found[0] + sub, leaf, _transform(value, how, channels)
+
+  return torch_convert.to_variables(state_dict, place, f"SD-BNN's {_SOURCES[arch]}")

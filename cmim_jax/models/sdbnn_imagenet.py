@@ -40,7 +40,6 @@ References:
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -49,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmim_jax import binarize, layers, quantizers
-from cmim_jax.models import birealnet, registry
+from cmim_jax.models import birealnet, registry, torch_convert
 
 Array = jax.Array
 
@@ -149,39 +148,23 @@ def from_official_state_dict(state_dict: Mapping[str, Any], *,
   Raises:
     ValueError: keys that are not SD-BNN ImageNet parameters (all listed).
   """
-  sd = {(k[len("module."):] if k.startswith("module.") else k): np.asarray(v)
-        for k, v in state_dict.items()}
-  variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
-  unknown = []
-  for name, value in sd.items():
-    if name.endswith("num_batches_tracked"):
-      continue
-    m = re.fullmatch(r"(layer(\d+)\.(\d+))\.(.+)", name)
-    if m:
-      spec, unit = _UNIT_KEYS.get(m.group(4)), int(m.group(3))
-      prefix, j = f"stage{int(m.group(2))}_block{unit // 2 + 1}/", unit % 2 + 1
-    else:
-      spec, prefix, j = _TOP_KEYS.get(name), "", 0
+  # A flat latent kernel's shape comes from its unit's BatchNorm.
+  widths = {torch_convert.strip_module(k)[:-len(".bn1.weight")]: np.shape(v)[0]
+            for k, v in state_dict.items() if k.endswith(".bn1.weight")}
+
+  def place(name: str, value: np.ndarray):
+    spec, prefix, j = birealnet.unit_spec(name, _UNIT_KEYS, _TOP_KEYS)
     if spec is None:
-      unknown.append(name)
-      continue
+      return None
     module, leaf, how = spec
     if leaf == "a" and not binary_weights:
-      continue
+      return torch_convert.DROP
     if how == "flat_oihw":
-      cout = sd[f"{m.group(1)}.bn1.weight"].shape[0]
-      cin = value.size // (9 * cout)
-      value = np.transpose(value.reshape(cout, cin, 3, 3), (2, 3, 1, 0))
-    elif how:
-      value = birealnet._convert(value, how)  # pylint: disable=protected-access
-    col = "batch_stats" if leaf in ("mean", "var") else "params"
-    node = variables[col]
-    for part in (prefix + module.format(j=j)).split("/"):
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  if unknown:
-    raise ValueError(f"not parameters of SD-BNN's ImageNet ResNet-18 "
-                     f"(imagenet/birealnet.py): {unknown}")
-  if not variables["batch_stats"]:
-    del variables["batch_stats"]
-  return variables
+      cout = widths[".".join(name.split(".")[:2])]
+      value = np.transpose(value.reshape(cout, value.size // (9 * cout), 3, 3), (2, 3, 1, 0))
+    else:
+      value = torch_convert.transform(value, how)
+    return prefix + module.format(j=j), leaf, value
+
+  return torch_convert.to_variables(
+      state_dict, place, "SD-BNN's ImageNet ResNet-18 (imagenet/birealnet.py)")

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmim_jax import layers, quantizers
-from cmim_jax.models import common, registry
+from cmim_jax.models import common, registry, torch_convert
 
 Array = jax.Array
 ModuleDef = Any
@@ -153,12 +153,8 @@ tv_resnet34 = registry.register("tv_resnet34")(TVResNet34)
 tv_resnet50 = registry.register("tv_resnet50")(TVResNet50)
 
 
-_BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
-
-
-def _target(name: str) -> Optional[tuple[str, str, str]]:
-  """torchvision parameter name -> (collection, module path, leaf), or None."""
+def _target(name: str) -> Optional[tuple[str, str]]:
+  """torchvision parameter name -> (module path, leaf), or None."""
   m = re.fullmatch(r"layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)", name)
   if m:
     prefix = f"stage{int(m.group(1))}_block{int(m.group(2)) + 1}/"
@@ -172,14 +168,22 @@ def _target(name: str) -> Optional[tuple[str, str, str]]:
     prefix, leaf = "", m.group(2)
     module = {"conv1": "stem_conv", "bn1": "stem_bn", "fc": "fc"}[m.group(1)]
   if module == "fc":
-    return ("params", "fc", {"weight": "kernel", "bias": "bias"}[leaf]) if leaf in (
+    return ("fc", {"weight": "kernel", "bias": "bias"}[leaf]) if leaf in (
         "weight", "bias") else None
   if module.endswith("bn") or re.fullmatch(r"bn\d", module):
-    if leaf not in _BN_LEAVES:
-      return None
-    col, flax_leaf = _BN_LEAVES[leaf]
-    return col, prefix + module, flax_leaf
-  return ("params", prefix + module, "kernel") if leaf == "weight" else None
+    leaf = torch_convert.BN_LEAVES.get(leaf)
+    return None if leaf is None else (prefix + module, leaf)
+  return (prefix + module, "kernel") if leaf == "weight" else None
+
+
+def _place(name: str, value: np.ndarray):
+  target = _target(name)
+  if target is None:
+    return None
+  path, leaf = target
+  if leaf == "kernel":
+    value = torch_convert.transform(value, "transpose" if value.ndim == 2 else "oihw")
+  return path, leaf, value
 
 
 def from_torchvision_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict]:
@@ -204,27 +208,5 @@ def from_torchvision_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict
       e.g. a MoCo checkpoint's ``encoder_q.`` prefix must be removed first and
       its projection head dropped).
   """
-  variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
-  unknown = []
-  for key, value in state_dict.items():
-    name = key[len("module."):] if key.startswith("module.") else key
-    if name.endswith("num_batches_tracked"):
-      continue
-    target = _target(name)
-    if target is None:
-      unknown.append(key)
-      continue
-    col, path, leaf = target
-    value = np.asarray(value)
-    if leaf == "kernel":
-      value = value.T if value.ndim == 2 else np.transpose(value, (2, 3, 1, 0))
-    node = variables[col]
-    for part in path.split("/"):
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  if unknown:
-    raise ValueError(f"not parameters of a torchvision ResNet (conv1, bn1, "
-                     f"layer{{s}}.{{b}}.*, fc): {unknown}")
-  if not variables["batch_stats"]:
-    del variables["batch_stats"]
-  return variables
+  return torch_convert.to_variables(
+      state_dict, _place, "a torchvision ResNet (conv1, bn1, layer{s}.{b}.*, fc)")
