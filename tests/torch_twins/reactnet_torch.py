@@ -15,7 +15,7 @@ code) against ``+1`` in cmim_jax; random real inputs never hit 0 exactly.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,13 +94,16 @@ class Unit(nn.Module):
     return out
 
 
-class BiRealNetTwin(nn.Module):
-  """``units`` per stage (4 for ResNet-18), 7x7 stem + BN + max-pool, GAP + FC."""
+class BiRealResNet(nn.Module):
+  """Bi-Real's ResNet: 7x7 stem + BN + max-pool, ``units`` binary units per
+  stage (4 for ResNet-18), GAP + FC. The first unit of stages 2.. halves the
+  map; a unit that changes the shape gets the real shortcut
+  ``downsample = AvgPool2d(2) -> 1x1 conv -> BN``. The twins of Bi-Real Net,
+  ReActNet and SD-BNN differ only in ``make_unit(cin, cout, stride,
+  downsample)``."""
 
-  def __init__(self, react: bool, num_classes: int = 1000,
-               widths: Sequence[int] = (64, 128, 256, 512),
-               units: Sequence[int] = (4, 4, 4, 4), binary_acts: bool = True,
-               binary_weights: bool = True):
+  def __init__(self, make_unit: Callable[..., nn.Module], num_classes: int,
+               widths: Sequence[int], units: Sequence[int]):
     super().__init__()
     self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
     self.bn1 = nn.BatchNorm2d(widths[0])
@@ -114,14 +117,14 @@ class BiRealNetTwin(nn.Module):
         if stride != 1 or cin != width:
           down = nn.Sequential(nn.AvgPool2d(2, stride=stride),
                                nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width))
-        stage.append(Unit(cin, width, stride, down, react, binary_acts, binary_weights))
+        stage.append(make_unit(cin, width, stride, down))
         cin = width
       setattr(self, f"layer{s}", nn.Sequential(*stage))
     self.num_stages = len(widths)
     self.fc = nn.Linear(cin, num_classes)
 
   def units(self):
-    """``(stage, unit index, Unit)`` in call order."""
+    """``(stage, unit index, unit)`` in call order."""
     for s in range(1, self.num_stages + 1):
       for u, unit in enumerate(getattr(self, f"layer{s}")):
         yield s, u, unit
@@ -131,3 +134,16 @@ class BiRealNetTwin(nn.Module):
     for s in range(1, self.num_stages + 1):
       x = getattr(self, f"layer{s}")(x)
     return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class BiRealNetTwin(BiRealResNet):
+  """Bi-Real Net (``react=False``) or ReActNet (``react=True``) ResNet-18."""
+
+  def __init__(self, react: bool, num_classes: int = 1000,
+               widths: Sequence[int] = (64, 128, 256, 512),
+               units: Sequence[int] = (4, 4, 4, 4), binary_acts: bool = True,
+               binary_weights: bool = True):
+    super().__init__(
+        lambda cin, cout, stride, down: Unit(cin, cout, stride, down, react, binary_acts,
+                                             binary_weights),
+        num_classes, widths, units)

@@ -105,9 +105,9 @@ class ZeroPadShortcut(nn.Module):
     return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
 
 
-class Block20(nn.Module):
-  """ResNet-20 block: a real shortcut around each binary conv,
-  ``h = hardtanh(bn1(conv1 x) + sc(x))``, ``out = hardtanh(bn2(conv2 h) + h)``."""
+class _TwoConvs(nn.Module):
+  """``conv1`` (stride ``stride``), ``bn1``, ``conv2``, ``bn2``: binary 3x3
+  convs ``cin -> planes -> planes``, the parts both ResNet blocks share."""
 
   def __init__(self, cin: int, planes: int, stride: int):
     super().__init__()
@@ -115,6 +115,14 @@ class Block20(nn.Module):
     self.bn1 = nn.BatchNorm2d(planes)
     self.conv2 = SDConv2d(planes, planes)
     self.bn2 = nn.BatchNorm2d(planes)
+
+
+class Block20(_TwoConvs):
+  """ResNet-20 block: a real shortcut around each binary conv,
+  ``h = hardtanh(bn1(conv1 x) + sc(x))``, ``out = hardtanh(bn2(conv2 h) + h)``."""
+
+  def __init__(self, cin: int, planes: int, stride: int):
+    super().__init__(cin, planes, stride)
     self.shortcut = (ZeroPadShortcut(planes) if stride != 1 or cin != planes
                      else nn.Sequential())
 
@@ -123,17 +131,13 @@ class Block20(nn.Module):
     return F.hardtanh(self.bn2(self.conv2(h)) + h)
 
 
-class Block18(nn.Module):
+class Block18(_TwoConvs):
   """ResNet-18 block: ``h = hardtanh(bn1(conv1 x))``,
   ``out = hardtanh(bn2(conv2 h) + sc(x))``, ``sc`` an FP 1x1 conv + BN when
   the shape changes."""
 
   def __init__(self, cin: int, planes: int, stride: int):
-    super().__init__()
-    self.conv1 = SDConv2d(cin, planes, stride=stride)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = SDConv2d(planes, planes)
-    self.bn2 = nn.BatchNorm2d(planes)
+    super().__init__(cin, planes, stride)
     self.shortcut = nn.Sequential()
     if stride != 1 or cin != planes:
       self.shortcut = nn.Sequential(nn.Conv2d(cin, planes, 1, stride=stride, bias=False),

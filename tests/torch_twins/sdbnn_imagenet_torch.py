@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_twins.reactnet_torch import approx_sign
+from torch_twins.reactnet_torch import BiRealResNet, approx_sign
 
 
 class SqueezeShift(nn.Module):
@@ -85,38 +85,11 @@ class Unit(nn.Module):
     return self.prelu(out)
 
 
-class SDBNNImageNetTwin(nn.Module):
-  """``units`` per stage (4 for ResNet-18), 7x7 stem + BN + max-pool, GAP + FC."""
+class SDBNNImageNetTwin(BiRealResNet):
+  """SD-BNN's ResNet-18: Bi-Real's network of :class:`Unit` s."""
 
   def __init__(self, num_classes: int = 1000, widths: Sequence[int] = (64, 128, 256, 512),
                units: Sequence[int] = (4, 4, 4, 4), binary_weights: bool = True):
-    super().__init__()
-    self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
-    self.bn1 = nn.BatchNorm2d(widths[0])
-    self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-    cin = widths[0]
-    for s, (width, n) in enumerate(zip(widths, units), start=1):
-      stage = []
-      for u in range(n):
-        stride = 2 if (s > 1 and u == 0) else 1
-        down = None
-        if stride != 1 or cin != width:
-          down = nn.Sequential(nn.AvgPool2d(2, stride=stride),
-                               nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width))
-        stage.append(Unit(cin, width, stride, down, binary_weights))
-        cin = width
-      setattr(self, f"layer{s}", nn.Sequential(*stage))
-    self.num_stages = len(widths)
-    self.fc = nn.Linear(cin, num_classes)
-
-  def units(self):
-    """``(stage, unit index, Unit)`` in call order."""
-    for s in range(1, self.num_stages + 1):
-      for u, unit in enumerate(getattr(self, f"layer{s}")):
-        yield s, u, unit
-
-  def forward(self, x):
-    x = self.maxpool(self.bn1(self.conv1(x)))
-    for s in range(1, self.num_stages + 1):
-      x = getattr(self, f"layer{s}")(x)
-    return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+    super().__init__(
+        lambda cin, cout, stride, down: Unit(cin, cout, stride, down, binary_weights),
+        num_classes, widths, units)
