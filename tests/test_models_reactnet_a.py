@@ -292,19 +292,12 @@ def test_equals_pytorch_twin(case):
   with_grads = case in GRAD_CASES
   twin, state, model = _twin_and_model(case, TWIN_WIDTHS, TWIN_STRIDES, NUM_CLASSES,
                                        seed=len(case))
-  rng = np.random.default_rng(1)
-  x = rng.normal(size=X_SHAPE)
-  ct = rng.normal(size=(X_SHAPE[0], NUM_CLASSES))
-  want = parity.torch_side(twin, x, ct)
-
-  logits, sown, grads, (train_logits, new_stats) = parity.flax_side(
-      model, reactnet_a.from_official_state_dict(state), x, ct, key=KEY, with_grads=with_grads)
-  parity.assert_logits_close(logits, want.eval_logits)
-  parity.assert_logits_close(train_logits, want.train_logits)
+  want, sown, grads = parity.compare(twin, state, model, reactnet_a.from_official_state_dict,
+                                     x_shape=X_SHAPE, num_classes=NUM_CLASSES, key=KEY,
+                                     with_grads=with_grads)
 
   # Sown activations: what each binary conv binarizes (after RSign's shift)
   # and its sign, as the twin's blocks saw them in eval mode.
-  sown = flat(sown.get(layers.BINARY_ACTS, {}))
   n_convs = sum(1 + c2 // c1 for c1, c2 in zip(TWIN_WIDTHS[:-1], TWIN_WIDTHS[1:]))
   assert len(sown) == (2 * n_convs if binary_acts else 0)
   for i, block in enumerate(twin.feature):
@@ -318,13 +311,8 @@ def test_equals_pytorch_twin(case):
                                      parity.nhwc(block.acts[key][j]), rtol=1e-9, atol=1e-9,
                                      err_msg=f"block{i}/{conv}/{what}")
 
-  if with_grads:
-    grads, grad_x = grads
-    torch_grads = reactnet_a.from_official_state_dict(parity.param_grads(want.train_twin))
-    parity.assert_grads_close(grads, grad_x, torch_grads["params"], want)
+  if with_grads:  # every gradient is far from zero: the comparison tests something
     parity.assert_far_from_zero(grads)
-
-  parity.assert_batch_stats_close(new_stats, want, state, reactnet_a.from_official_state_dict)
 
 
 def test_full_size_logits_equal_pytorch_twin():

@@ -236,12 +236,6 @@ def assert_tree_close(actual, expected, rtol: float, what: str):
                                err_msg=f"{what}: {k}")
 
 
-def assert_grads_close(grads, grad_x, torch_params_grads, run: TorchRun):
-  """Parameter gradients (converted to the Flax tree) and the input gradient."""
-  assert_tree_close(grads, torch_params_grads, 1e-5, "param gradients")
-  np.testing.assert_allclose(grad_x, run.grad_x, rtol=1e-5, atol=1e-5 * np.abs(grad_x).max())
-
-
 def assert_far_from_zero(grads, ratio: float = 1e-4):
   """Every gradient leaf reaches ``ratio`` of the largest, so that comparing
   them tests something."""
@@ -273,3 +267,45 @@ def assert_batch_stats_close(new_stats, run: TorchRun, state: dict,
       unbiased = (new_t[k] - (1 - momentum) * v) / momentum
       new_t[k] = (1 - momentum) * v + momentum * unbiased * (n - 1) / n
   assert_tree_close(new_stats, convert(new_t)["batch_stats"], 1e-9, "batch_stats")
+
+
+def compare(twin, state: dict, model, convert: Callable[[dict], dict], *, x_shape,
+            num_classes: int, key, with_grads: bool = True, **apply_kwargs):
+  """Runs the twin and ``model`` (on ``convert(state)``) on one random input
+  and compares what every parity test compares.
+
+  In float64: the eval and train-mode logits, the BatchNorm updates and,
+  with ``with_grads``, the gradients of ``sum(logits * ct)`` with respect to
+  every parameter (converted to the Flax tree) and the input.
+
+  Args:
+    twin: the float64 PyTorch twin holding ``state``.
+    state: the twin's state dict (numpy).
+    model: the Flax model (float64).
+    convert: state dict -> Flax variables (it also maps gradients).
+    x_shape: NHWC input shape.
+    num_classes: logits per example.
+    key: PRNG key for the model's shape check.
+    with_grads: compare gradients too.
+    **apply_kwargs: more arguments of ``model.apply`` (e.g. ``schedule``).
+
+  Returns:
+    ``(torch run, sown binary activations flattened ({'path/a_F': (array,)}),
+    Flax parameter gradients or None)``, for the checks particular to a model.
+  """
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=x_shape)
+  ct = rng.normal(size=(x_shape[0], num_classes))
+  want = torch_side(twin, x, ct)
+  logits, sown, grads, (train_logits, new_stats) = flax_side(
+      model, convert(state), x, ct, key=key, with_grads=with_grads, **apply_kwargs)
+  assert_logits_close(logits, want.eval_logits)
+  assert_logits_close(train_logits, want.train_logits)
+  if with_grads:
+    grads, grad_x = grads
+    assert_tree_close(grads, convert(param_grads(want.train_twin))["params"], 1e-5,
+                      "param gradients")
+    np.testing.assert_allclose(grad_x, want.grad_x, rtol=1e-5,
+                               atol=1e-5 * np.abs(grad_x).max())
+  assert_batch_stats_close(new_stats, want, state, convert)
+  return want, flat(sown.get(layers.BINARY_ACTS, {})), grads
