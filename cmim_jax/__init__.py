@@ -8,7 +8,7 @@ Layers, from the bottom up (nothing below imports anything above):
 * ``layers``: Flax binary layers built on them.
 * ``models``: CIFAR/ImageNet BNN architectures and their FP twins.
 * ``losses``: cross entropy, InfoNCE, the CMIM loss.
-* ``train``: the per-device training step and the loop.
+* ``train``: the per-device training step; ``loop``: the run driver around it.
 * ``input_pipeline``, ``main``: data and the command line, at the edges.
 """
 

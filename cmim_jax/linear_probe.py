@@ -51,6 +51,7 @@ from absl import logging
 
 from cmim_jax import checkpointing
 from cmim_jax import input_pipeline
+from cmim_jax import loop
 from cmim_jax import losses
 from cmim_jax import metric_writers
 from cmim_jax import models
@@ -288,7 +289,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     when preempted.
   """
   validate_config(config)
-  with train.workdir_lock(workdir):
+  with loop.workdir_lock(workdir):
     return _run(config, workdir, cache_train_features)
 
 
@@ -406,7 +407,7 @@ def _train(config, par: Parallel, task: ProbeTask, step_fn, batches, state_dev, 
                    "ETA %s", done, total, summary["epoch"], summary["loss"],
                    summary["accuracy"], summary["learning_rate"],
                    rate * config.linear_probe.batch_size,
-                   train._format_eta((total - done) / rate))  # pylint: disable=protected-access
+                   loop._format_eta((total - done) / rate))  # pylint: disable=protected-access
     preempted = preempt.reached(done)
     if done % steps_per_epoch == 0 or done == total or preempted:
       ckpt.save(done, par.from_step_layout(state_dev))

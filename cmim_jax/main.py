@@ -73,17 +73,17 @@ def main(argv):
     multi_process = cluster.initialize(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value, peer_timeout_s=_PEER_TIMEOUT.value)
-    from cmim_jax import train  # pylint: disable=g-import-not-at-top
+    from cmim_jax import loop  # pylint: disable=g-import-not-at-top
     logging.info("JAX process %d/%d, %d local / %d global devices (%s).",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.default_backend())
     if _MODE.value == "train":
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "linear_probe":
       from cmim_jax import linear_probe  # pylint: disable=g-import-not-at-top
       linear_probe.run(_CONFIG.value, _WORKDIR.value)
     else:
-      train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+      loop.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
   except (ValueError, OSError, ImportError, FloatingPointError, RuntimeError) as e:
     if multi_process:
       # A collective that failed because a peer died: let the watchdog name it.

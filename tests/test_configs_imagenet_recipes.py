@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from cmim_jax import metric_writers, models, teachers, train
+from cmim_jax import loop, metric_writers, models, teachers, train
 from configs import (imagenet, imagenet_teacher, reactnet_imagenet, s2bnn_imagenet,
                      sdbnn_imagenet)
 
@@ -149,7 +149,7 @@ def test_smoke_chain(module, steps, data_dir, teacher_dir, tmp_path):
   config2.data.data_dir, config2.teacher, config2.init_from = data_dir, teacher_dir, step1_dir
   # What step 2 takes from step 1: every weight; SD-BNN's WSD logits are new.
   state, report = teachers.init_from(
-      jax.device_get(train._Setup(config2).initial_state), step1_dir)  # pylint: disable=protected-access
+      jax.device_get(loop._Setup(config2).initial_state), step1_dir)  # pylint: disable=protected-access
   new = ([f"stage{s}_block1/conv{c}/a" for s in (1, 2) for c in (1, 2)]
          if module is sdbnn_imagenet else [])
   assert sorted(report["new"]) == sorted(new) and report["unused"] == []

@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cmim_jax import default_config
+from cmim_jax import loop
 from cmim_jax import losses
 from cmim_jax import metric_writers
 from cmim_jax import objectives
@@ -202,7 +203,7 @@ def _check_init_from(config, teacher_dir):
   """init_from copies every weight the FP teacher has into the binary student."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.objectives, config.teacher, config.init_from = "ce", "", teacher_dir
-  setup = train._Setup(config)  # pylint: disable=protected-access
+  setup = loop._Setup(config)  # pylint: disable=protected-access
   state, report = teachers.init_from(jax.device_get(setup.initial_state), teacher_dir)
   source = _restore_raw(teacher_dir)["params"]["model"]
   flat = dict(jax.tree_util.tree_leaves_with_path(state.params["model"]))

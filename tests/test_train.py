@@ -240,6 +240,17 @@ def test_config_missing_a_key_fails_naming_it():
     train.validate_config(config)
 
 
+def test_run_driver_names_stay_importable_from_train():
+  """The driver moved to cmim_jax.loop; train still hands out the same objects."""
+  from cmim_jax import loop  # pylint: disable=g-import-not-at-top
+  from cmim_jax.train import evaluate_checkpoint, train_and_evaluate, workdir_lock  # pylint: disable=g-import-not-at-top
+  assert train_and_evaluate is loop.train_and_evaluate
+  assert evaluate_checkpoint is loop.evaluate_checkpoint
+  assert workdir_lock is loop.workdir_lock
+  with pytest.raises(AttributeError, match="has no attribute 'not_a_name'"):
+    train.not_a_name  # pylint: disable=pointless-statement
+
+
 def test_nan_loss_stops_with_the_step(tmp_path):
   config = small_config(learning_rate=1e30, num_train_steps=6, checkpoint_every_steps=2,
                         log_every_steps=3, **{"cmim.weight": 0.0})
