@@ -18,7 +18,9 @@ stem) and
 :class:`cmim_jax.models.VGGSmall`, with sign-forward input quantizers, any
 weight quantizer whose output is ``+-alpha_c`` per output channel, and the
 SD-BNN ASD and ReActNet RSign input shifts; ReActNet-A
-(:class:`cmim_jax.models.ReActNetA`, see :mod:`cmim_jax.export.pack_reactnet_a`).
+(:class:`cmim_jax.models.ReActNetA`). Each architecture's program is written
+by its walker: :mod:`cmim_jax.export.pack_resnet`, :mod:`~cmim_jax.export.pack_vgg`,
+:mod:`~cmim_jax.export.pack_reactnet_a`.
 Anything else is refused with the reason.
 """
 from __future__ import annotations
@@ -31,12 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmim_jax import binarize, layers
-from cmim_jax.export import infer, pack_reactnet_a
-from cmim_jax.models import birealnet, common, reactnet_a, resnet, sdbnn_imagenet, vgg
-
-
-class NotExportableError(ValueError):
-  """The model cannot be packed; the message names it and says why."""
+from cmim_jax.export import infer, pack_reactnet_a, pack_resnet, pack_vgg
+from cmim_jax.export.errors import NotExportableError  # Re-exported: pack.NotExportableError.
+from cmim_jax.models import common, reactnet_a, resnet, vgg
 
 
 def _np(x) -> np.ndarray:
@@ -198,147 +197,7 @@ class _Builder:
     self.add(op, name, src, src if dst is None else dst, **attrs)
 
 
-def _resnet(b: _Builder, m: resnet.ResNet) -> None:
-  if m.stem not in resnet.STEMS:
-    raise NotExportableError(f"model {b.model_name!r}: unknown stem {m.stem!r}")
-  big = m.stem == "imagenet"
-  b.conv("stem_conv", strides=2 if big else 1, padding=3 if big else 1)
-  b.bn("stem_bn")
-  if m.stem_act:
-    b.op("hardtanh", "stem_act")
-  if big:
-    b.op("max_pool", "stem_pool", window=[3, 3], strides=[2, 2], padding=[[1, 1], [1, 1]])
-  channels = m.widths[0]
-  kind = _block_kind(m.block_cls)
-  for s, (blocks, width) in enumerate(zip(m.stage_sizes, m.widths), start=1):
-    for i in range(1, blocks + 1):
-      strides = 2 if (s > 1 and i == 1) else 1
-      name = f"stage{s}_block{i}"
-      if kind == "basic":
-        b.bconv(f"{name}/conv1", strides=strides, padding=1, dst="h")
-        b.bn(f"{name}/bn1", "h")
-        b.op("hardtanh", f"{name}/act1", "h")
-        b.bconv(f"{name}/conv2", strides=1, padding=1, src="h", dst="y")
-        b.bn(f"{name}/bn2", "y")
-        sc = _shortcut(b, name, channels, width, strides, m.shortcut)
-        b.op("add", f"{name}/add", "y", "x", src2=sc)
-        b.op("hardtanh", f"{name}/act2")
-      elif kind == "bireal":
-        b.bconv(f"{name}/conv1", strides=strides, padding=1, dst="y")
-        sc = _shortcut(b, name, channels, width, strides, m.shortcut)
-        b.bn(f"{name}/bn1", "y")
-        b.op("add", f"{name}/add1", "y", "h", src2=sc)
-        b.op("hardtanh", f"{name}/act1", "h")
-        b.bconv(f"{name}/conv2", strides=1, padding=1, src="h", dst="y")
-        b.bn(f"{name}/bn2", "y")
-        b.op("add", f"{name}/add2", "y", "x", src2="h")
-        b.op("hardtanh", f"{name}/act2")
-      elif kind in ("birealnet", "reactnet", "prelu"):
-        # Bi-Real Net: nothing after the adds; ReActNet: RPReLU after each;
-        # SD-BNN ImageNet: PReLU after each.
-        post = {"reactnet": b.rprelu, "prelu": b.prelu}.get(kind)
-        b.bconv(f"{name}/conv1", strides=strides, padding=1, dst="y")
-        sc = _shortcut(b, name, channels, width, strides, m.shortcut)
-        b.bn(f"{name}/bn1", "y")
-        b.op("add", f"{name}/add1", "y", "h", src2=sc)
-        if post:
-          post(f"{name}/act1", "h")
-        b.bconv(f"{name}/conv2", strides=1, padding=1, src="h", dst="y")
-        b.bn(f"{name}/bn2", "y")
-        b.op("add", f"{name}/add2", "y", "x", src2="h")
-        if post:
-          post(f"{name}/act2")
-      else:
-        raise NotExportableError(_no_block_exporter(m, b.model_name))
-      channels = width
-  b.op("global_avg_pool", "pool")
-  if m.head_bn:
-    b.bn("head_bn")
-  b.dense("fc")
-
-
-_BLOCKS = (resnet.BasicBlock, resnet.BiRealBlock, birealnet.BiRealNetBlock)
-
-
-def _block_kind(block) -> str | None:
-  """The packed layout of a ResNet block class, or None if there is none.
-
-  ReActNet's block is ``partial(BiRealNetBlock, post_add=RPReLU)``, SD-BNN
-  ImageNet's ``partial(BiRealNetBlock, post_add=PReLU)``; any other
-  ``post_add`` (or other bound field) would change the forward pass, so only
-  that exact partial is recognised.
-  """
-  if block is resnet.BasicBlock:
-    return "basic"
-  if block is resnet.BiRealBlock:
-    return "bireal"
-  if block is birealnet.BiRealNetBlock:
-    return "birealnet"
-  if (isinstance(block, functools.partial) and block.func is birealnet.BiRealNetBlock
-      and not block.args and set(block.keywords) == {"post_add"}):
-    post = block.keywords["post_add"]
-    if post is None:
-      return "birealnet"
-    if post is layers.RPReLU:
-      return "reactnet"
-    if post is sdbnn_imagenet.PReLU:
-      return "prelu"
-  return None
-
-
-def _no_block_exporter(m: resnet.ResNet, model_name: str) -> str:
-  block = m.block_cls
-  if isinstance(block, functools.partial):  # e.g. BiRealNetBlock(post_add=SomeAct)
-    options = ", ".join(f"{k}={getattr(v, '__name__', v)}" for k, v in block.keywords.items())
-    block = f"{block.func.__name__}({options})"
-  else:
-    block = getattr(block, "__name__", block)
-  return (f"model {model_name!r}: block {block} has no packed exporter "
-          f"({', '.join(c.__name__ for c in _BLOCKS)} and "
-          "BiRealNetBlock(post_add=RPReLU or PReLU) do).")
-
-
-def _shortcut(b: _Builder, name: str, cin: int, cout: int, strides: int, kind: str) -> str:
-  """Emits the block's shortcut of register ``x``; returns the register holding it."""
-  if strides == 1 and cin == cout:
-    return "x"
-  if kind == "binary":
-    b.bconv(f"{name}/downsample", strides=strides, padding=0, dst="sc")
-  elif kind == "real":
-    b.conv(f"{name}/downsample", strides=strides, padding=0, dst="sc")
-  elif kind == "avgpool_real":
-    src = "x"
-    if strides != 1:
-      b.op("avg_pool", f"{name}/downsample_pool", "x", "sc", window=[strides, strides],
-           strides=[strides, strides], padding=[[0, 0], [0, 0]])
-      src = "sc"
-    b.conv(f"{name}/downsample", strides=1, padding=0, src=src, dst="sc")
-  elif kind == "option_a":
-    extra = cout - cin
-    b.op("option_a", f"{name}/shortcut", "x", "sc", stride=strides,
-         channel_pad=[extra // 2, extra - extra // 2])
-    return "sc"
-  else:
-    raise NotExportableError(f"model {b.model_name!r}: shortcut {kind!r} has no packed exporter")
-  b.bn(f"{name}/downsample_bn", "sc")
-  return "sc"
-
-
-def _vgg(b: _Builder, m: vgg.VGGSmall) -> None:
-  for i, _ in enumerate(m.widths):
-    if i == 0:
-      b.conv("conv0", strides=1, padding=1)
-    else:
-      b.bconv(f"conv{i}", strides=1, padding=1)
-    if i in m.pool_after:
-      b.op("max_pool", f"pool{i}", window=[2, 2], strides=[2, 2], padding=[[0, 0], [0, 0]])
-    b.bn(f"bn{i}")
-    b.op("hardtanh", f"act{i}")
-  b.op("flatten", "flatten")
-  b.dense("fc")
-
-
-_EXPORTERS = ((resnet.ResNet, _resnet), (vgg.VGGSmall, _vgg),
+_EXPORTERS = ((resnet.ResNet, pack_resnet.build), (vgg.VGGSmall, pack_vgg.build),
               (reactnet_a.ReActNetA, pack_reactnet_a.build))
 
 
@@ -363,8 +222,8 @@ def check_exportable(model, model_name: str) -> None:
         f"model {model_name!r} is full precision (identity quantizers): it has no binary "
         f"layers to pack.{twin}")
   _exporter(model, model_name)
-  if isinstance(model, resnet.ResNet) and _block_kind(model.block_cls) is None:
-    raise NotExportableError(_no_block_exporter(model, model_name))
+  if isinstance(model, resnet.ResNet) and pack_resnet.block_kind(model.block_cls) is None:
+    raise NotExportableError(pack_resnet.no_block_exporter(model, model_name))
   if binarize.is_identity(iq) or binarize.is_identity(kq):
     raise NotExportableError(
         f"model {model_name!r} binarizes only its {'kernels' if binarize.is_identity(iq) else 'inputs'}; "
