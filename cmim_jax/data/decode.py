@@ -21,10 +21,11 @@ full-size decode (``tests/test_data_decode.py`` bounds the difference).
 Where the C shim of ``data/jpeg_crop.py`` builds (libjpeg-turbo and a C
 compiler), a JPEG is decoded only where the filter reads: the rows above
 the window are skipped without inverse DCT, the columns beside it are not
-transformed, and decoding stops below it. The pixels are those of the full
-decode at the same scale, so the output is the same as Pillow's path
-(``tests/test_data_decode.py`` checks it); files the shim declines (CMYK,
-corrupt or truncated data) go through Pillow as before.
+transformed, and decoding stops below it. The decoded pixels are those of
+the full decode at the same scale, laid out on a canvas of the whole image,
+so Pillow's resize gives bit-equal output (``tests/test_data_jpeg_crop.py``
+checks it); files the shim declines (CMYK, corrupt or truncated data) go
+through Pillow as before.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, struct.error,
 # Modes whose resize equals the resize of their RGB conversion (L: one
 # channel replicated), so the (cheaper) resize can come before the convert.
 _RESIZE_THEN_CONVERT = ('RGB', 'L')
-
 
 # Bilinear filter support in input pixels per unit of downscaling (Pillow's).
 _BILINEAR_SUPPORT = 1.0
