@@ -16,9 +16,14 @@ Run:
 generated folder of variable-size JPEGs (``--images``; or ``--folder DIR``
 of your own ``*.JPEG``). The generated sizes follow ImageNet's train set:
 long side 500 px for 44%, 150-499 px for 55%, 1000-2500 px for 1%,
-aspect up to 1.6, three in four landscape; quality 96 without chroma
-subsampling (as most ImageNet JPEGs), ~0.8 bytes per pixel. The JSON gives
-the folder's mean size, share of large (>= 1000 px) images and file size.
+aspect up to 1.6, three in four landscape. ``--jpeg`` sets the encoding:
+``q96-444`` (default): quality 96 without chroma subsampling, ~0.8 bytes
+per pixel, what most ImageNet train files are (a survey of the whole train
+set's quantisation tables and sampling factors found the large majority
+colour, 4:4:4 and quality 96; 22 CMYK files and one PNG among 1.28M);
+``q90-420``: quality 90 with 4:2:0 chroma, the common web/camera setting
+and a cheaper decode, for a second data point. The JSON gives the
+folder's mean size, share of large (>= 1000 px) images and file size.
 
 Each per-image method runs alone in a fresh process pinned to one core and
 is timed in that process's CPU time (so that waiting for the core on a
@@ -36,8 +41,14 @@ load on a shared machine moves them less). Each rate is also given without the l
 * ``decode_only``: the full-size decode alone, no crop, no resize: the
   ceiling of any method that decodes the whole image.
 * ``stream_full_decode``: this library's crop (``decode.decode_crop``)
-  with full-size decoding.
-* ``stream``: the same with reduced-size JPEG decoding, the library's path.
+  with full-size decoding by Pillow.
+* ``stream_pil``: the same with reduced-size JPEG decoding (Pillow's
+  ``draft``), the library's path where the partial-decode shim
+  (``data/jpeg_crop.py``) is unavailable.
+* ``stream``: the library's path: reduced-size decoding of only the rows
+  and columns the crop needs (the shim), same output as ``stream_pil``.
+* ``window_decode_only``: ``stream``'s decode alone, without the resize:
+  what the partial decode costs; the rest of ``stream`` is the resize.
 
 Then the whole streaming pipeline (``get_datasets`` + Grain workers,
 ``--workers``, batches of ``--batch-size``): images/s overall and per
@@ -52,13 +63,11 @@ import os
 import sys
 import time
 
-import jax
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # Runs from a checkout without installing.
 
-from cmim_jax import default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmim_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+# jax and the pipeline are imported where used: the per-core methods run in
+# spawned processes, which import this module and need neither.
 
 
 def _default_data() -> str:
@@ -92,9 +101,17 @@ def main(argv=None) -> int:
   parser.add_argument('--rounds', type=int, default=3,
                       help='--imagenet: rounds of the per-core methods')
   parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--methods', default=','.join(METHODS),
+                      help='--imagenet: comma-separated per-core methods '
+                      '(pil_baseline is always run)')
+  parser.add_argument('--jpeg', default='q96-444', choices=sorted(_JPEG),
+                      help='--imagenet: encoding of the generated files')
   args = parser.parse_args(argv)
   if args.imagenet:
     return imagenet_main(args)
+  import jax  # pylint: disable=g-import-not-at-top
+  from cmim_jax import default_config  # pylint: disable=g-import-not-at-top
+  from cmim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   if not os.path.exists(args.data):
     reason = (f'{args.data} not found; pass --data or set CMIM_SHARED_DATA '
@@ -171,6 +188,11 @@ _LARGE = (0.01, 1000, 2500)  # Fraction, long-side range.
 _SMALL = (0.55, 150, 499)
 _MODE = 500
 _LARGE_SIDE = 1000  # Images with a side this long count as 'large'.
+# --jpeg: Pillow's save arguments. Noise sigma keeps ~0.8 bytes per pixel at
+# q96-444 (ImageNet's ~110 kB per ~400x350 image); the same content at
+# q90-420 gives smaller files, as re-encoding a photo would.
+_JPEG = {'q96-444': dict(quality=96, subsampling=0),
+         'q90-420': dict(quality=90, subsampling=2)}
 
 
 def _image_sizes(n: int, rng) -> list[tuple[int, int]]:
@@ -191,7 +213,7 @@ def _image_sizes(n: int, rng) -> list[tuple[int, int]]:
   return sizes
 
 
-def _make_folder(root: str, n: int) -> list[str]:
+def _make_folder(root: str, n: int, jpeg: str = 'q96-444') -> list[str]:
   """``n`` JPEGs of ImageNet-like sizes and content in 10 class folders."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -216,7 +238,7 @@ def _make_folder(root: str, n: int) -> list[str]:
     d = os.path.join(root, 'train', f'n{i % 10:08d}')
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f'{i:06d}.JPEG')
-    Image.fromarray(img).save(path, quality=96, subsampling=0)
+    Image.fromarray(img).save(path, **_JPEG[jpeg])
     paths.append(path)
   return paths
 
@@ -290,12 +312,24 @@ def _per_image(method: str, paths: list, size: int, core: int, queue):
     with Image.open(io.BytesIO(data)) as im:
       im.load()
 
-  def ours(reduced):
+  def ours(reduced, partial):
     return lambda data, rng: decode.decode_crop(
-        data, 'bench', size=size, rng=rng, reduced=reduced)
+        data, 'bench', size=size, rng=rng, reduced=reduced, partial=partial)
+
+  def window_decode_only(data, rng):
+    # stream's decode without its resize (the same window and scale).
+    import io  # pylint: disable=g-import-not-at-top
+    with Image.open(io.BytesIO(data)) as im:
+      (width, height), mode = im.size, im.mode
+    top, left, h, w, _ = decode.crop_window(rng, height, width, 0.875)
+    denom, scaled, box = decode.scale_and_box(width, height,
+                                              (top, left, h, w), size)
+    return decode.partial_decode(data, mode, denom, scaled, box, size)
 
   fn = {'pil_baseline': baseline, 'decode_only': decode_only,
-        'stream_full_decode': ours(False), 'stream': ours(True)}[method]
+        'stream_full_decode': ours(False, False),
+        'stream_pil': ours(True, False), 'stream': ours(True, None),
+        'window_decode_only': window_decode_only}[method]
   blobs, large = [], []
   for p in paths:  # Bytes in memory: the rate is decode + crop, not disk.
     with open(p, 'rb') as fh:
@@ -323,6 +357,8 @@ def _per_image(method: str, paths: list, size: int, core: int, queue):
 def _pipeline(root: str, size: int, workers: int, batch: int, steps: int):
   """Images/s and peak RSS (main + workers) of the streaming pipeline."""
   import psutil  # pylint: disable=g-import-not-at-top
+  from cmim_jax import default_config  # pylint: disable=g-import-not-at-top
+  from cmim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   cfg = default_config.data_config()
   cfg.update(dict(name='bench', source='folder', data_dir=root,
                   train_split='train', eval_split='', pipeline='stream',
@@ -343,7 +379,8 @@ def _pipeline(root: str, size: int, workers: int, batch: int, steps: int):
   return steps * batch / seconds, peak
 
 
-METHODS = ('pil_baseline', 'decode_only', 'stream_full_decode', 'stream')
+METHODS = ('pil_baseline', 'decode_only', 'stream_full_decode', 'stream_pil',
+           'stream', 'window_decode_only')
 
 
 def imagenet_main(args) -> int:
@@ -362,8 +399,12 @@ def imagenet_main(args) -> int:
   else:
     tmp = tempfile.mkdtemp(prefix='cmim_bench_')
     root = tmp
-    paths = _make_folder(root, args.images)
+    paths = _make_folder(root, args.images, args.jpeg)
+  from cmim_jax.data import jpeg_crop  # pylint: disable=g-import-not-at-top
   result = {'benchmark': 'input_pipeline_imagenet', 'images': len(paths),
+            'jpeg': 'folder' if args.folder else args.jpeg,
+            'partial_decode': jpeg_crop.available() or
+                              jpeg_crop.unavailable_reason(),
             **_folder_stats(paths), 'size': args.size, 'cores': cores,
             'rounds': args.rounds,
             'loadavg_1min_start': round(os.getloadavg()[0], 2)}
@@ -373,16 +414,22 @@ def imagenet_main(args) -> int:
         os, 'sched_getaffinity') else 0
     # Rounds of every method in turn (A B C D A B C D ...): the speed-up is
     # the median of per-round ratios, which a drifting load moves less.
-    runs = {m: [] for m in METHODS}
+    methods = ['pil_baseline'] + [
+        m for m in args.methods.split(',') if m and m != 'pil_baseline']
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+      raise SystemExit(f'--methods: unknown {sorted(unknown)}; known: '
+                       f'{", ".join(METHODS)}')
+    runs = {m: [] for m in methods}
     for _ in range(args.rounds):
-      for method in METHODS:
+      for method in methods:
         q = ctx.Queue()
         p = ctx.Process(target=_per_image,
                         args=(method, paths, args.size, core, q))
         p.start()
         runs[method].append(q.get())
         p.join()
-    for method in METHODS:
+    for method in methods:
       rates, typical, rss, growth = zip(*runs[method])
       result[f'{method}_images_per_s_per_core'] = round(
           statistics.median(rates), 1)
@@ -395,7 +442,10 @@ def imagenet_main(args) -> int:
         result[f'{method}_decode_rss_growth_mb'] = round(max(growth), 1)
     base = runs['pil_baseline']
     for method, key in (('stream', 'speedup_vs_pil'),
+                        ('stream_pil', 'stream_pil_vs_pil'),
                         ('decode_only', 'decode_only_vs_pil')):
+      if method not in runs:
+        continue
       result[key] = round(statistics.median(
           r[0] / b[0] for r, b in zip(runs[method], base)), 2)
       result[key + '_not_large'] = round(statistics.median(

@@ -128,11 +128,29 @@ def test_reduced_decoding_happens_only_when_the_crop_allows(tmp_path,
   monkeypatch.setattr(JpegImagePlugin.JpegImageFile, 'draft', spy)
   path = tmp_path / 'big.jpg'
   write_jpeg(path, np.random.default_rng(1), 640, 480)
+  data = path.read_bytes()
   # Central crop 420x420 of 640x480 to 32: 1/8 scale still leaves 52 px.
-  streaming.decode_crop(path.read_bytes(), 'big.jpg', size=32)
-  # To 224: 1/2 scale would leave 210 < 224 px: full size.
-  streaming.decode_crop(path.read_bytes(), 'big.jpg', size=224)
-  assert sizes == [(80, 60), (640, 480)]
+  # To 224: 1/2 scale would leave 210 < 224 px: full size, no draft.
+  for size in (32, 224):
+    streaming.decode_crop(data, 'big.jpg', size=size, partial=False)
+  assert sizes == [(80, 60)]
+  # The partial decode (where its shim builds) asks for the same scales.
+  from cmim_jax.data import jpeg_crop  # pylint: disable=g-import-not-at-top
+  scales = []
+  window = jpeg_crop.decode_window
+
+  def spy_window(data, *, denom, scaled_size, **kw):
+    scales.append((denom, scaled_size))
+    return window(data, denom=denom, scaled_size=scaled_size, **kw)
+
+  monkeypatch.setattr(jpeg_crop, 'decode_window', spy_window)
+  for size in (32, 224):
+    streaming.decode_crop(data, 'big.jpg', size=size)
+  if jpeg_crop.available():
+    assert scales == [(8, (80, 60)), (1, (640, 480))]
+    assert sizes == [(80, 60)]  # Pillow's draft is not used then.
+  else:
+    assert sizes == [(80, 60)] * 2
 
 
 def test_batches_do_not_depend_on_process_count(folder):

@@ -16,7 +16,16 @@ scaling, ``Image.draft``), the largest reduction that still leaves the
 window at least ``size`` pixels a side, so the bilinear filter always
 resizes down from at least the output size. The DCT-domain reduction is a
 box-like average, so the result is close to, but not bit-equal with, the
-full-size decode (``tests/test_data_stream.py`` bounds the difference).
+full-size decode (``tests/test_data_decode.py`` bounds the difference).
+
+Where the C shim of ``data/jpeg_crop.py`` builds (libjpeg-turbo and a C
+compiler), a JPEG is decoded only where the filter reads: the rows above
+the window are skipped without inverse DCT, the columns beside it are not
+transformed, and decoding stops below it. The decoded pixels are those of
+the full decode at the same scale, laid out on a canvas of the whole image,
+so Pillow's resize gives bit-equal output (``tests/test_data_jpeg_crop.py``
+checks it); files the shim declines (CMYK, corrupt or truncated data) go
+through Pillow as before.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from cmim_jax.data import augment as _augment
+from cmim_jax.data import jpeg_crop as _jpeg_crop
 
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, struct.error,
                  Image.DecompressionBombError)
@@ -36,6 +46,12 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, struct.error,
 # Modes whose resize equals the resize of their RGB conversion (L: one
 # channel replicated), so the (cheaper) resize can come before the convert.
 _RESIZE_THEN_CONVERT = ('RGB', 'L')
+
+# Bilinear filter support in input pixels per unit of downscaling (Pillow's).
+_BILINEAR_SUPPORT = 1.0
+# Columns/rows decoded beyond what the filter reads: libjpeg's upsampler has
+# no neighbour at the decoded region's outer column (4:2:x chroma).
+_MARGIN = 2
 
 
 class CorruptImageError(ValueError):
@@ -55,8 +71,66 @@ def crop_window(rng, height: int, width: int, crop_fraction: float):
   return top, left, h, w, bool(rng.random() < 0.5)
 
 
+def _draft_size(width, height, w, h, size):
+  """The size ``Image.draft`` is asked for: the image scaled so that the
+  ``w x h`` window becomes at least ``size x size``."""
+  return math.ceil(width * size / w), math.ceil(height * size / h)
+
+
+def _dct_denom(width, height, w, h, size) -> int:
+  """The DCT scale denominator Pillow's ``draft`` picks for that size."""
+  want_w, want_h = _draft_size(width, height, w, h, size)
+  scale = min(width // want_w, height // want_h)
+  return next((s for s in (8, 4, 2) if scale >= s), 1)
+
+
+def scale_and_box(width, height, window, size, reduced=True):
+  """``(denom, (sw, sh), box)``: the DCT scale ``1/denom`` a JPEG is decoded
+  at, the scaled image's size (libjpeg rounds up) and the crop ``window``
+  ``(top, left, h, w)`` of the full-size image as a box on the scaled one."""
+  top, left, h, w = window
+  denom = _dct_denom(width, height, w, h, size) if reduced else 1
+  sw, sh = -(-width // denom), -(-height // denom)
+  sx, sy = sw / width, sh / height
+  return denom, (sw, sh), (left * sx, top * sy, (left + w) * sx,
+                           (top + h) * sy)
+
+
+def partial_decode(data, mode, denom, scaled_size, box, size):
+  """Decodes only the rows and columns the filter reads for ``box`` (plus
+  ``_MARGIN``), in place on a canvas of the whole scaled image: a Pillow
+  image that ``resize(box=box)`` turns into the full decode's output.
+
+  Raises:
+    jpeg_crop.Fallback: the shim declined the file.
+  """
+  lo, hi = [], []
+  for axis in (0, 1):
+    a, b = box[axis], box[axis + 2]
+    support = _BILINEAR_SUPPORT * max((b - a) / size, 1.0)
+    lo.append(max(0, math.floor(a - support) - _MARGIN))
+    hi.append(min(scaled_size[axis], math.ceil(b + support) + _MARGIN))
+  channels = 4 if mode == 'RGB' else 1
+  canvas, _, _ = _jpeg_crop.decode_window(
+      data, denom=denom, scaled_size=scaled_size, channels=channels,
+      window=(lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]))
+  # The same geometry as the full decode (Pillow's resampler rounds
+  # differently on a smaller image), mapped without a copy.
+  raw = 'RGBX' if channels == 4 else 'L'
+  return Image.frombuffer(raw, scaled_size, canvas, 'raw', raw, 0, 1)
+
+
+def _resize_flip(src, box, size, flip):
+  out = src.resize((size, size), Image.BILINEAR, box=box)
+  if out.mode not in ('RGB', 'RGBX'):
+    out = out.convert('RGB')
+  out = np.asarray(out)[..., :3]
+  return out[:, ::-1] if flip else out
+
+
 def decode_crop(data, where: str, *, size: int, rng=None,
-                crop_fraction: float = 0.875, reduced: bool = True):
+                crop_fraction: float = 0.875, reduced: bool = True,
+                partial=None):
   """Encoded image (or uint8 array) -> uint8[size, size, 3].
 
   Args:
@@ -67,6 +141,8 @@ def decode_crop(data, where: str, *, size: int, rng=None,
       evaluation crop (central ``crop_fraction`` of the shorter side).
     crop_fraction: evaluation crop fraction.
     reduced: decode JPEGs at a reduced scale when the crop allows it.
+    partial: decode only the window of a JPEG (``data/jpeg_crop.py``); None:
+      where the shim is available, False: never (Pillow decodes it all).
 
   Returns:
     The crop; it may be a flipped view, which the caller copies into its
@@ -84,23 +160,28 @@ def decode_crop(data, where: str, *, size: int, rng=None,
     with Image.open(io.BytesIO(data)) as im:
       width, height = im.size  # From the header: nothing decoded yet.
       top, left, h, w, flip = crop_window(rng, height, width, crop_fraction)
-      if reduced and im.format == 'JPEG':
-        # draft() picks the largest power-of-two reduction keeping the image
-        # at least this big, i.e. the crop at least size x size.
-        im.draft('RGB', (math.ceil(width * size / w),
-                         math.ceil(height * size / h)))
-      sx, sy = im.size[0] / width, im.size[1] / height
+      is_jpeg = im.format == 'JPEG'
+      denom, scaled, box = scale_and_box(width, height, (top, left, h, w),
+                                         size, reduced and is_jpeg)
+      if (partial is not False and is_jpeg and
+          im.mode in _RESIZE_THEN_CONVERT and _jpeg_crop.available()):
+        try:
+          src = partial_decode(bytes(data), im.mode, denom, scaled, box,
+                               size)
+          return _resize_flip(src, box, size, flip)
+        except _jpeg_crop.Fallback:
+          pass  # Pillow decodes it below and decides (corrupt, CMYK...).
+      if denom > 1:
+        # Pillow's draft() picks the same scale from this requested size.
+        im.draft('RGB', _draft_size(width, height, w, h, size))
+        if im.size != scaled:  # draft() declined (e.g. several tiles).
+          box = scale_and_box(width, height, (top, left, h, w), size,
+                              False)[2]
       im.load()  # Decodes: truncated files fail here.
       # convert() copies even an RGB image; resize in the file's own mode
       # where that gives the same pixels, and convert only the small output.
       src = im if im.mode in _RESIZE_THEN_CONVERT else im.convert('RGB')
-      out = src.resize((size, size), Image.BILINEAR,
-                       box=(left * sx, top * sy, (left + w) * sx,
-                            (top + h) * sy))
-      if out.mode != 'RGB':
-        out = out.convert('RGB')
-      out = np.asarray(out)
-      return out[:, ::-1] if flip else out
+      return _resize_flip(src, box, size, flip)
   except CorruptImageError:
     raise
   except DECODE_ERRORS as e:

@@ -1,0 +1,128 @@
+/* Decode one window of a JPEG, at a 1/1, 1/2, 1/4 or 1/8 DCT scale, with
+ * libjpeg-turbo's partial decoding: rows above the window are skipped
+ * (jpeg_skip_scanlines: entropy-decoded, no IDCT, no colour conversion),
+ * columns outside it are not transformed (jpeg_crop_scanline), and decoding
+ * stops after the window's last row (nothing below it is even
+ * entropy-decoded).
+ *
+ * Built by cmim_jax/data/jpeg_crop.py on first use and called through
+ * ctypes (no Python headers needed). Pillow decodes with the same library
+ * and the same defaults (islow IDCT, fancy upsampling), so the window's
+ * pixels equal Pillow's full decode there; the caller asks for a margin
+ * around what it reads, because the upsampler at the window's outer column
+ * lacks its neighbour. The rows are written where they lie in the whole
+ * (scaled) image, into the caller's canvas of the image's size, so that
+ * Pillow resizes them with the same geometry as a full decode.
+ *
+ * Returns 0 on success; 1: libjpeg error (message in err); 2: libjpeg
+ * warning (corrupt or truncated data: the caller decodes with Pillow, which
+ * decides); 3: the file is not what the caller expected (size, channels,
+ * colour space), e.g. CMYK.
+ */
+#include <setjmp.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <jpeglib.h>
+
+struct guard {
+  struct jpeg_error_mgr pub;
+  jmp_buf jump;
+  int warned;
+  char *err;
+  int err_len;
+};
+
+static void on_error(j_common_ptr cinfo) {
+  struct guard *g = (struct guard *)cinfo->err;
+  char msg[JMSG_LENGTH_MAX];
+  (*cinfo->err->format_message)(cinfo, msg);
+  snprintf(g->err, (size_t)g->err_len, "%s", msg);
+  longjmp(g->jump, 1);
+}
+
+static void on_message(j_common_ptr cinfo, int level) {
+  /* level -1: a warning (corrupt data); trace messages are ignored. */
+  if (level < 0) {
+    struct guard *g = (struct guard *)cinfo->err;
+    if (!g->warned) {
+      char msg[JMSG_LENGTH_MAX];
+      (*cinfo->err->format_message)(cinfo, msg);
+      snprintf(g->err, (size_t)g->err_len, "%s", msg);
+    }
+    g->warned = 1;
+  }
+}
+
+/* data/size: the file. denom: 1, 2, 4 or 8. want_w/want_h: the scaled size
+ * the caller computed (checked). channels: 4 (RGBX from a 3-component
+ * file) or 1 (grayscale). x, y, w, h: the window in scaled pixels.
+ * canvas: want_h rows of `stride` bytes; row y + i of the image goes to
+ * canvas row y + i, its columns at their own place. info[0], info[1]: the
+ * decoded columns' first index and count (x and w widened to iMCU
+ * boundaries). */
+int cmim_jpeg_crop(const unsigned char *data, unsigned long size, int denom,
+                   int want_w, int want_h, int channels, int x, int y, int w,
+                   int h, unsigned char *canvas, long stride, int *info,
+                   char *err, int err_len) {
+  struct jpeg_decompress_struct cinfo;
+  struct guard g;
+  volatile int status = 0;
+  memset(&g, 0, sizeof(g));
+  g.err = err;
+  g.err_len = err_len;
+  err[0] = '\0';
+  cinfo.err = jpeg_std_error(&g.pub);
+  g.pub.error_exit = on_error;
+  g.pub.emit_message = on_message;
+  if (setjmp(g.jump)) {
+    jpeg_destroy_decompress(&cinfo);
+    return 1;
+  }
+  jpeg_create_decompress(&cinfo);
+  jpeg_mem_src(&cinfo, data, size);
+  jpeg_read_header(&cinfo, TRUE);
+  if (channels == 4 && cinfo.num_components == 3 &&
+      (cinfo.jpeg_color_space == JCS_YCbCr ||
+       cinfo.jpeg_color_space == JCS_RGB)) {
+    cinfo.out_color_space = JCS_EXT_RGBX;
+  } else if (channels == 1 && cinfo.num_components == 1) {
+    cinfo.out_color_space = JCS_GRAYSCALE;
+  } else {
+    status = 3;
+  }
+  if (status == 0) {
+    cinfo.scale_num = 1;
+    cinfo.scale_denom = (unsigned int)denom;
+    jpeg_start_decompress(&cinfo);
+    if ((int)cinfo.output_width != want_w ||
+        (int)cinfo.output_height != want_h ||
+        cinfo.output_components != channels || x < 0 || y < 0 || w <= 0 ||
+        h <= 0 || x + w > want_w || y + h > want_h ||
+        stride < (long)want_w * channels) {
+      status = 3;
+    }
+  }
+  if (status == 0) {
+    JDIMENSION xoff = (JDIMENSION)x, cw = (JDIMENSION)w;
+    JSAMPROW row;
+    int i;
+    if (cw < cinfo.output_width) jpeg_crop_scanline(&cinfo, &xoff, &cw);
+    if (y > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)y);
+    for (i = 0; i < h; i++) {
+      row = canvas + (size_t)(y + i) * (size_t)stride +
+            (size_t)xoff * (size_t)channels;
+      if (jpeg_read_scanlines(&cinfo, &row, 1) != 1) {
+        snprintf(err, (size_t)err_len, "no scanline %d", y + i);
+        status = 1;
+        break;
+      }
+    }
+    info[0] = (int)xoff;
+    info[1] = (int)cw;
+  }
+  if (status == 0 && g.warned) status = 2;
+  /* The rows below the window are never read: abort, not finish. */
+  jpeg_destroy_decompress(&cinfo);
+  return status;
+}
