@@ -21,7 +21,7 @@ start-up. Three settings of the persistent compilation cache are compared:
 * ``warm_cache``: the same directory again (every later run: the "after").
 
 Configs: ``digits`` (``configs/digits.py``, the offline demo) and
-``cifar10_cpu`` (``configs/cifar10.py:cpu``, ResNet-20, batch 64; needs the
+``cifar10_cpu`` (``configs/cifar10.py:study``, ResNet-20, batch 64; needs the
 CIFAR-10 training archive: ``--cifar10_data`` or, where present, the shared
 ``cifar10-train.tar.gz`` beside the checkout).
 
@@ -62,7 +62,7 @@ def _default_cifar10() -> str:
 def _configs(args) -> dict:
   return {
       "digits": ["--config", "configs/digits.py"],
-      "cifar10_cpu": ["--config", "configs/cifar10.py:cpu",
+      "cifar10_cpu": ["--config", "configs/cifar10.py:study",
                       f"--config.data.data_dir={args.cifar10_data}"],
   }
 

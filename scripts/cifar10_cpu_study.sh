@@ -33,7 +33,7 @@ for seed in "${seeds[@]}"; do
       cmim) args=(--config.model.name=resnet20 --config.cmim.weight=3.2) ;;
     esac
     echo "=== $run seed $seed ==="
-    JAX_PLATFORMS=cpu "$PY" -m cmim_jax.main --config configs/cifar10.py:cpu \
+    JAX_PLATFORMS=cpu "$PY" -m cmim_jax.main --config configs/cifar10.py:study \
       --workdir "$OUT/$run-s$seed" --config.seed="$seed" "${args[@]}" "${extra[@]}"
   done
 done
