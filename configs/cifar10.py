@@ -56,4 +56,6 @@ def get_config(variant: str = ""):
     config.eval_every_steps = 250
     config.checkpoint_every_steps = 500
     return config
+  if variant not in ("", None, "smoke"):
+    raise ValueError(f"unknown config argument {variant!r}; known: '', 'smoke', 'cpu', 'study'.")
   return default_config.apply_variant(config, variant)
