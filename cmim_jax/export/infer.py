@@ -243,10 +243,19 @@ class Program:
     arrays: ``{'<layer name>/<key>': np.ndarray}``.
     input_shape: (H, W, C) of one image.
     mean, std: per-channel normalisation on the 0..1 scale.
+    kernel: how binary convs run on CPU: ``"auto"`` (the C++ FFI kernel of
+      :mod:`cmim_jax.export.ffi` where it builds and ``CMIM_JAX_FFI`` is not
+      0, else pure JAX), ``"ffi"`` (required: raises if it cannot be built)
+      or ``"pure"``. Off CPU, binary convs always run pure JAX.
   """
 
   def __init__(self, layers: Sequence[Mapping[str, Any]], arrays: Mapping[str, np.ndarray],
-               input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]):
+               input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
+               kernel: str = "auto"):
+    if kernel not in KERNELS:
+      raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+    self.kernel = kernel
+    self._ffi_words: dict[str, np.ndarray] = {}
     self.layers = [dict(l) for l in layers]
     self.arrays = dict(arrays)
     self.input_shape = tuple(int(v) for v in input_shape)
@@ -285,9 +294,53 @@ class Program:
       raise ValueError(f"packed model expects images of shape (B, {', '.join(map(str, self.input_shape))}), "
                        f"got {tuple(x.shape)}")
     regs = {"x": jnp.asarray(x, jnp.float32)}
-    for layer in self.layers:
+    use_ffi = self._use_ffi()
+    i = 0
+    while i < len(self.layers):
+      layer = self.layers[i]
+      if use_ffi and layer["op"] == "bconv":
+        bn = self.layers[i + 1] if i + 1 < len(self.layers) else None
+        # Fused only where the conv's result is read by the BatchNorm alone
+        # (it overwrites the register the conv wrote).
+        fuse = (bn is not None and bn["op"] == "bn"
+                and bn.get("src", "x") == layer.get("dst", "x") == bn.get("dst", "x"))
+        regs[layer.get("dst", "x")] = self._run_ffi(layer, regs, bn if fuse else None)
+        i += 2 if fuse else 1
+        continue
       regs[layer.get("dst", "x")] = self._run(layer, regs)
+      i += 1
     return regs["x"]
+
+  def _use_ffi(self) -> bool:
+    if self.kernel == "pure":
+      return False
+    from cmim_jax.export import ffi  # pylint: disable=import-outside-toplevel
+    if self.kernel == "ffi":
+      if not ffi._load()[0]:  # pylint: disable=protected-access
+        raise RuntimeError(f"kernel='ffi': the C++ kernel is not available: {ffi.status()}")
+      return True
+    return ffi.available()
+
+  def _run_ffi(self, layer, regs, bn) -> Array:
+    """A bconv layer (and the BatchNorm after it) by the C++ kernel on CPU, pure JAX elsewhere."""
+    from cmim_jax.export import ffi  # pylint: disable=import-outside-toplevel
+    name = layer["name"]
+    if name not in self._ffi_words:
+      self._ffi_words[name] = ffi.kernel_words(self._a(layer, "bits"), layer["cin"])
+    def pure(x):
+      y = self._run(layer, {layer.get("src", "x"): x})
+      return y if bn is None else self._run(bn, {bn.get("src", "x"): y})
+    x = regs[layer.get("src", "x")]
+    if layer.get("shift") not in (None, "asd"):
+      return pure(x)  # Raises, naming the unknown shift.
+    bn_args = None if bn is None else (self._a(bn, "mean"), self._bn_mul[bn["name"]],
+                                       self._a(bn, "bias"))
+    def native(x):
+      if layer.get("shift") == "asd":
+        x = _asd(x, {"fc1": self._a(layer, "shift_fc1"), "fc2": self._a(layer, "shift_fc2")})
+      return ffi.bconv(x, self._ffi_words[name], self._a(layer, "alpha"), cin=layer["cin"],
+                       strides=layer["strides"], padding=_pairs(layer["padding"]), bn=bn_args)
+    return jax.lax.platform_dependent(x, cpu=native, default=pure)
 
   def _run(self, layer, regs) -> Array:
     op = layer["op"]
@@ -338,6 +391,7 @@ class Program:
     raise ValueError(f"layer {name!r}: unknown op {op!r}")
 
 
+KERNELS = ("auto", "ffi", "pure")
 OPS = ("bconv", "conv", "bn", "hardtanh", "add", "max_pool", "avg_pool", "option_a",
        "global_avg_pool", "flatten", "dense", "channel_add", "rprelu", "concat")
 # Values of a bconv layer's optional "shift" attribute (None: no shift).
