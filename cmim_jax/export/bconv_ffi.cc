@@ -27,6 +27,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -35,80 +39,177 @@ namespace {
 
 struct Geometry {
   int64_t b, h, w, cin;      // input
-  int64_t kh, kw, k, cout;   // kernel: taps, words per position, outputs
+  int64_t kh, kw, k, cs;     // kernel: taps, words per position, output-channel stride
   int64_t sh, sw, pt, pl;    // strides, top/left padding
-  int64_t ho, wo;            // output
+  int64_t ho, wo, cout;      // output
 };
 
-// Binarizes and packs one image row range: x[..., cin] floats -> words[..., k].
-template <typename T>
-inline __attribute__((always_inline)) void PackInput(const float* __restrict x, T* __restrict p,
-                                                     int64_t positions, int64_t cin, int64_t k) {
-  constexpr int64_t kBits = 8 * sizeof(T);
-  for (int64_t n = 0; n < positions; ++n) {
-    const float* xs = x + n * cin;
-    T* ps = p + n * k;
-    for (int64_t word = 0; word < k; ++word) {
-      const int64_t c0 = word * kBits;
-      const int64_t c1 = std::min(cin, c0 + kBits);
-      T v = 0;
-      for (int64_t c = c0; c < c1; ++c) v |= static_cast<T>(xs[c] >= 0.0f) << (c - c0);
-      ps[word] = v;
-    }
+// The output channels [o0, o0 + n) of one position from their mismatch
+// counts: the pure-JAX path's float operations in its order.
+template <typename T, bool kFma>
+inline __attribute__((always_inline)) void Epilogue(float* __restrict dst, const T* __restrict acc,
+                                                    int64_t n, int32_t full,
+                                                    const float* __restrict alpha,
+                                                    const float* __restrict mean,
+                                                    const float* __restrict mul,
+                                                    const float* __restrict bias) {
+  if (mean == nullptr) {
+    for (int64_t o = 0; o < n; ++o)
+      dst[o] = static_cast<float>(full - 2 * static_cast<int32_t>(acc[o])) * alpha[o];
+    return;
+  }
+  for (int64_t o = 0; o < n; ++o) {
+    const float v = static_cast<float>(full - 2 * static_cast<int32_t>(acc[o])) * alpha[o];
+    // XLA:CPU contracts the BatchNorm's multiply and add into one FMA where
+    // the CPU has one (measured: its result equals fma(v - mean, mul, bias)
+    // everywhere, two roundings differ in 17% of values), so the same here,
+    // and two roundings where there is none.
+    if (kFma)
+      dst[o] = __builtin_fmaf(v - mean[o], mul[o], bias[o]);
+    else
+      dst[o] = (v - mean[o]) * mul[o] + bias[o];
   }
 }
 
+// The taps of output position (oy, ox) that fall inside the image: rows
+// [i0, i1), columns [j0, j1); a tap on padding contributes 0.
+struct Window {
+  int64_t y0, x0, i0, i1, j0, j1;
+};
+
+inline __attribute__((always_inline)) Window TapsInside(const Geometry& g, int64_t oy, int64_t ox) {
+  Window t;
+  t.y0 = oy * g.sh - g.pt;
+  t.x0 = ox * g.sw - g.pl;
+  t.i0 = std::max<int64_t>(0, -t.y0);
+  t.i1 = std::min(g.kh, g.h - t.y0);
+  t.j0 = std::max<int64_t>(0, -t.x0);
+  t.j1 = std::min(g.kw, g.w - t.x0);
+  return t;
+}
+
+// Plain C++ (any CPU): binarize + pack, then per position a loop over output
+// channels that the compiler vectorises where it can.
 template <typename T, bool kFma>
 inline __attribute__((always_inline)) void Conv(const Geometry& g, const float* __restrict x,
                                                 const T* __restrict wt, const float* __restrict alpha,
                                                 const float* __restrict mean, const float* __restrict mul,
                                                 const float* __restrict bias, float* __restrict out,
                                                 T* __restrict packed, T* __restrict acc) {
-  PackInput<T>(x, packed, g.b * g.h * g.w, g.cin, g.k);
+  constexpr int64_t kBits = 8 * sizeof(T);
+  for (int64_t n = 0; n < g.b * g.h * g.w; ++n) {
+    for (int64_t word = 0; word < g.k; ++word) {
+      const int64_t c0 = word * kBits, c1 = std::min(g.cin, c0 + kBits);
+      T v = 0;
+      for (int64_t c = c0; c < c1; ++c) v |= static_cast<T>(x[n * g.cin + c] >= 0.0f) << (c - c0);
+      packed[n * g.k + word] = v;
+    }
+  }
   for (int64_t b = 0; b < g.b; ++b) {
     const T* img = packed + b * g.h * g.w * g.k;
     for (int64_t oy = 0; oy < g.ho; ++oy) {
-      const int64_t y0 = oy * g.sh - g.pt;
-      const int64_t i0 = std::max<int64_t>(0, -y0), i1 = std::min(g.kh, g.h - y0);
       for (int64_t ox = 0; ox < g.wo; ++ox) {
-        const int64_t x0 = ox * g.sw - g.pl;
-        const int64_t j0 = std::max<int64_t>(0, -x0), j1 = std::min(g.kw, g.w - x0);
+        const Window t = TapsInside(g, oy, ox);
         for (int64_t o = 0; o < g.cout; ++o) acc[o] = 0;
-        for (int64_t i = i0; i < i1; ++i) {
-          for (int64_t j = j0; j < j1; ++j) {
-            const T* xw = img + ((y0 + i) * g.w + (x0 + j)) * g.k;
-            const T* wtap = wt + (i * g.kw + j) * g.k * g.cout;
+        for (int64_t i = t.i0; i < t.i1; ++i) {
+          for (int64_t j = t.j0; j < t.j1; ++j) {
+            const T* xw = img + ((t.y0 + i) * g.w + (t.x0 + j)) * g.k;
+            const T* wtap = wt + (i * g.kw + j) * g.k * g.cs;
             for (int64_t word = 0; word < g.k; ++word) {
               const T v = xw[word];
-              const T* wrow = wtap + word * g.cout;
-              // Vectorised over output channels: XOR + popcount + add.
+              const T* wrow = wtap + word * g.cs;
               for (int64_t o = 0; o < g.cout; ++o)
                 acc[o] += static_cast<T>(__builtin_popcountll(static_cast<T>(v ^ wrow[o])));
             }
           }
         }
-        const int32_t full = static_cast<int32_t>((i1 - i0) * (j1 - j0) * g.cin);
+        const int32_t full = static_cast<int32_t>((t.i1 - t.i0) * (t.j1 - t.j0) * g.cin);
+        Epilogue<T, kFma>(out + ((b * g.ho + oy) * g.wo + ox) * g.cout, acc, g.cout, full, alpha,
+                          mean, mul, bias);
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CMIM_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512vpopcntdq,avx512bitalg,fma")))
+
+// One 512-bit register of T lanes.
+template <typename T> struct Zmm;
+template <> struct Zmm<uint16_t> {
+  CMIM_AVX512 static inline __m512i Set1(uint16_t v) { return _mm512_set1_epi16(static_cast<short>(v)); }
+  CMIM_AVX512 static inline __m512i AddPopcount(__m512i acc, __m512i v) {
+    return _mm512_add_epi16(acc, _mm512_popcnt_epi16(v));
+  }
+};
+template <> struct Zmm<uint32_t> {
+  CMIM_AVX512 static inline __m512i Set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+  CMIM_AVX512 static inline __m512i AddPopcount(__m512i acc, __m512i v) {
+    return _mm512_add_epi32(acc, _mm512_popcnt_epi32(v));
+  }
+};
+template <> struct Zmm<uint64_t> {
+  CMIM_AVX512 static inline __m512i Set1(uint64_t v) { return _mm512_set1_epi64(static_cast<long long>(v)); }
+  CMIM_AVX512 static inline __m512i AddPopcount(__m512i acc, __m512i v) {
+    return _mm512_add_epi64(acc, _mm512_popcnt_epi64(v));
+  }
+};
+
+// AVX-512: the sign bits of 16 floats are one compare into a mask register,
+// and each (tap, word) adds XOR + popcount of one broadcast input word
+// against a register of output channels (cs is a multiple of the lanes,
+// zero-padded by the Python side), accumulated in registers.
+template <typename T, bool kFma>
+CMIM_AVX512 void ConvAvx512(const Geometry& g, const float* x, const T* wt, const float* alpha,
+                            const float* mean, const float* mul, const float* bias, float* out,
+                            T* packed, T* /*acc*/) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  const int64_t chunks = (g.cin + 15) / 16;                        // 16 channels each
+  const int64_t slots = g.k * static_cast<int64_t>(sizeof(T)) / 2;  // uint16 per position
+  const __mmask16 tail = static_cast<__mmask16>((1u << (g.cin - 16 * (chunks - 1))) - 1u);
+  const __m512 zero = _mm512_setzero_ps();
+  uint16_t* p16 = reinterpret_cast<uint16_t*>(packed);
+  for (int64_t n = 0; n < g.b * g.h * g.w; ++n) {
+    const float* xs = x + n * g.cin;
+    uint16_t* ps = p16 + n * slots;
+    for (int64_t q = 0; q + 1 < chunks; ++q)
+      ps[q] = _mm512_cmp_ps_mask(_mm512_loadu_ps(xs + 16 * q), zero, _CMP_GE_OQ);
+    const int64_t q = chunks - 1;  // The last chunk: lanes past cin are 0 bits.
+    ps[q] = _mm512_mask_cmp_ps_mask(tail, _mm512_maskz_loadu_ps(tail, xs + 16 * q), zero,
+                                    _CMP_GE_OQ);
+    for (int64_t r = chunks; r < slots; ++r) ps[r] = 0;
+  }
+  alignas(64) T lanes[kLanes];
+  for (int64_t b = 0; b < g.b; ++b) {
+    const T* img = packed + b * g.h * g.w * g.k;
+    for (int64_t oy = 0; oy < g.ho; ++oy) {
+      for (int64_t ox = 0; ox < g.wo; ++ox) {
+        const Window t = TapsInside(g, oy, ox);
+        const int32_t full = static_cast<int32_t>((t.i1 - t.i0) * (t.j1 - t.j0) * g.cin);
         float* dst = out + ((b * g.ho + oy) * g.wo + ox) * g.cout;
-        if (mean == nullptr) {
-          for (int64_t o = 0; o < g.cout; ++o)
-            dst[o] = static_cast<float>(full - 2 * static_cast<int32_t>(acc[o])) * alpha[o];
-        } else {
-          for (int64_t o = 0; o < g.cout; ++o) {
-            const float v = static_cast<float>(full - 2 * static_cast<int32_t>(acc[o])) * alpha[o];
-            // XLA:CPU contracts the BatchNorm's multiply and add into one
-            // FMA where the CPU has one (measured: its result equals
-            // fma(v - mean, mul, bias) everywhere, two roundings in 17% of
-            // values), so the same here, and two roundings where it has none.
-            if (kFma)
-              dst[o] = __builtin_fmaf(v - mean[o], mul[o], bias[o]);
-            else
-              dst[o] = (v - mean[o]) * mul[o] + bias[o];
+        for (int64_t o0 = 0; o0 < g.cout; o0 += kLanes) {
+          __m512i acc = _mm512_setzero_si512();
+          for (int64_t i = t.i0; i < t.i1; ++i) {
+            for (int64_t j = t.j0; j < t.j1; ++j) {
+              const T* xw = img + ((t.y0 + i) * g.w + (t.x0 + j)) * g.k;
+              const T* wtap = wt + (i * g.kw + j) * g.k * g.cs + o0;
+              for (int64_t word = 0; word < g.k; ++word) {
+                const __m512i w = _mm512_loadu_si512(wtap + word * g.cs);
+                acc = Zmm<T>::AddPopcount(acc, _mm512_xor_si512(w, Zmm<T>::Set1(xw[word])));
+              }
+            }
           }
+          _mm512_store_si512(lanes, acc);
+          Epilogue<T, kFma>(dst + o0, lanes, std::min(kLanes, g.cout - o0), full, alpha + o0,
+                            mean ? mean + o0 : nullptr, mul ? mul + o0 : nullptr,
+                            bias ? bias + o0 : nullptr);
         }
       }
     }
   }
 }
+#endif
 
 template <typename T>
 using ConvFn = void (*)(const Geometry&, const float*, const T*, const float*, const float*,
@@ -123,9 +224,6 @@ using ConvFn = void (*)(const Geometry&, const float*, const T*, const float*, c
   }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-CMIM_VARIANT(ConvAvx512,
-             __attribute__((target("avx512f,avx512vl,avx512bw,avx512vpopcntdq,avx512bitalg,fma"))),
-             true)
 CMIM_VARIANT(ConvAvx2, __attribute__((target("avx2,popcnt,fma"))), true)
 #endif
 // Baseline: an FMA only where the architecture always has one (XLA uses it there).
@@ -155,7 +253,7 @@ const int kIsa = Isa();
 template <typename T>
 ConvFn<T> Pick() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kIsa == 2) return &ConvAvx512<T>;
+  if (kIsa == 2) return &ConvAvx512<T, true>;
   if (kIsa == 1) return &ConvAvx2<T>;
 #endif
   return &ConvBase<T>;
@@ -187,8 +285,9 @@ ffi::Error BConvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer wt, ffi::Buffer<ffi
   if (xd.size() != 4 || wd.size() != rank || od.size() != 4)
     return ffi::Error::InvalidArgument("cmim_bconv: input, kernel and output ranks");
   Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[2], wd[3],
-             sh, sw, pt, pl, od[1], od[2]};
-  if (g.cin != cin || od[0] != g.b || od[3] != g.cout || alpha.element_count() != g.cout)
+             sh, sw, pt, pl, od[1], od[2], od[3]};
+  if (g.cin != cin || cin < 1 || od[0] != g.b || alpha.element_count() != g.cout ||
+      g.cs < g.cout || (g.cs * word_bits) % 512 != 0)
     return ffi::Error::InvalidArgument("cmim_bconv: inconsistent shapes");
   const int64_t bytes = static_cast<int64_t>(ffi::ByteWidth(wt.element_type())) *
                         (rank == 5 ? wd[4] : 1);

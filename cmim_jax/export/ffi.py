@@ -149,7 +149,8 @@ def kernel_words(bits: np.ndarray, cin: int) -> np.ndarray:
   Words of 16 bits for ``cin <= 16``, 32 for ``cin <= 32``, 64 above (the
   same bit order: channel ``c`` is bit ``c % n`` of word ``c // n``, a
   little-endian reinterpretation of the uint32 words), laid out
-  ``[kh, kw, words, cout]`` so the inner loop runs over output channels;
+  ``[kh, kw, words, cout']`` so the inner loop runs over output channels
+  (``cout'``: cout rounded up to a multiple of 512 bits of words);
   64-bit words as ``uint32 [kh, kw, words, cout, 2]`` (low half first).
   """
   kh, kw, cout, w32 = bits.shape
@@ -162,7 +163,11 @@ def kernel_words(bits: np.ndarray, cin: int) -> np.ndarray:
   b = np.zeros((kh, kw, cout, 2 * n if dtype is np.uint64 else max(w32, 1)), np.uint32)
   b[..., :w32] = bits
   words = b.astype("<u4").view(np.dtype(dtype).newbyteorder("<"))[..., :n]
-  words = np.ascontiguousarray(np.transpose(words, (0, 1, 3, 2)).astype(dtype))
+  words = np.transpose(words, (0, 1, 3, 2)).astype(dtype)
+  # Output channels zero-padded to whole 512-bit registers (the AVX-512 loop
+  # reads them whole; the extra lanes are never stored).
+  lanes = 64 // np.dtype(dtype).itemsize
+  words = np.pad(words, ((0, 0), (0, 0), (0, 0), (0, -cout % lanes)))
   if dtype is np.uint64:
     # As uint32 pairs (low word first): JAX without x64 truncates uint64.
     words = words.astype("<u8").view("<u4").reshape(*words.shape, 2).astype(np.uint32)
@@ -187,7 +192,8 @@ def bconv(x: jax.Array, words: np.ndarray, alpha: np.ndarray, *, cin: int,
   ok, why = _load()
   if not ok:
     raise RuntimeError(f"the C++ packed-conv kernel is not available: {why}")
-  kh, kw, _, cout = words.shape[:4]
+  kh, kw = words.shape[:2]
+  cout = int(np.shape(alpha)[0])
   word_bits = 64 if words.ndim == 5 else 8 * words.dtype.itemsize
   b, h, w, c = x.shape
   (pt, pb), (pl, pr) = padding
