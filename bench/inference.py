@@ -203,7 +203,7 @@ def main():
       return jax.lax.conv_general_dilated(x_b, w_b, strides, padding,
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
     packed_layer = lambda x, layer=layer: program._run(layer, {layer["src"]: x})  # pylint: disable=protected-access
-    ffi_layer = lambda x, layer=layer: ffi_program._run_ffi(layer, {layer["src"]: x}, None)  # pylint: disable=protected-access
+    ffi_layer = lambda x, layer=layer: ffi.run_group(ffi_program, [layer], {layer["src"]: x})
     for b in batch_sizes:
       x = jnp.asarray(rng.normal(size=(b, *in_shape[1:])).astype(np.float32))
       fns = {"float": jax.jit(float_layer), "packed": jax.jit(packed_layer)}

@@ -53,7 +53,8 @@ import numpy as np
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bconv_ffi.cc")
 ENV_SWITCH = "CMIM_JAX_FFI"
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-w")
-_TARGETS = {"cmim_bconv": "CmimBConv", "cmim_bconv_bn": "CmimBConvBn"}
+_TARGETS = {"cmim_bconv": "CmimBConv", "cmim_bconv_bn": "CmimBConvBn",
+            "cmim_bconv_bn_add": "CmimBConvBnAdd"}
 log = logging.getLogger(__name__)
 
 
@@ -176,7 +177,8 @@ def kernel_words(bits: np.ndarray, cin: int) -> np.ndarray:
 
 def bconv(x: jax.Array, words: np.ndarray, alpha: np.ndarray, *, cin: int,
           strides: Sequence[int], padding: Sequence[Sequence[int]],
-          bn: tuple | None = None) -> jax.Array:
+          bn: tuple | None = None, residual: jax.Array | None = None,
+          clip: bool = False) -> jax.Array:
   """``alpha * conv(sign(x), sign(w))`` (then ``(v - mean) * mul + bias``) via the C++ kernel.
 
   Args:
@@ -185,6 +187,8 @@ def bconv(x: jax.Array, words: np.ndarray, alpha: np.ndarray, *, cin: int,
     alpha: float32 ``[cout]``.
     cin, strides, padding: the layer's (padding ((top, bottom), (left, right))).
     bn: ``(mean, mul, bias)`` of a following BatchNorm to apply in the same call.
+    residual: float32 of the output's shape, added after the BatchNorm (needs ``bn``).
+    clip: then clip to [-1, 1] (hardtanh; needs ``residual``).
 
   Returns:
     float32 ``[b, ho, wo, cout]``, bit for bit the pure-JAX layer's value.
@@ -205,6 +209,104 @@ def bconv(x: jax.Array, words: np.ndarray, alpha: np.ndarray, *, cin: int,
   if bn is not None:
     args += list(bn)
     target = "cmim_bconv_bn"
+  if residual is not None:
+    if bn is None:
+      raise ValueError("bconv: a residual needs the BatchNorm before it (bn=...)")
+    args.append(residual.astype(jnp.float32))
+    target = "cmim_bconv_bn_add"
+  elif clip:
+    raise ValueError("bconv: clip applies after a residual add (residual=...)")
   attrs = dict(cin=np.int64(cin), sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt),
                pl=np.int64(pl), word_bits=np.int64(word_bits))
+  if residual is not None:
+    attrs["clip"] = np.int64(bool(clip))
   return jax.ffi.ffi_call(target, out)(*args, **attrs)
+
+
+# --------------------------------------------------------------------------
+# Running a packed program's layers through the kernel
+# --------------------------------------------------------------------------
+
+def _read_before_written(layers, start: int, reg: str) -> bool:
+  """Whether a layer from ``start`` on reads register ``reg`` before one overwrites it."""
+  for layer in layers[start:]:
+    if reg in (layer.get("src", "x"), layer.get("src2")):
+      return True
+    if layer.get("dst", "x") == reg:
+      return False
+  return reg == "x"  # The program's result.
+
+
+def fusion_plan(layers) -> list[tuple[int, ...]]:
+  """Groups of layer indices, each run as one step: a group starting with a
+  ``bconv`` is one kernel call that also applies the ``bn``, then the ``add``
+  (residual), then the ``hardtanh`` that follow it where each reads only the
+  previous one's result and that intermediate result is read by nothing else
+  (it would otherwise have to exist in its register); every other layer is a
+  group of its own."""
+  plan, i, n = [], 0, len(layers)
+  while i < n:
+    group = [i]
+    if layers[i]["op"] == "bconv":
+      cur = layers[i].get("dst", "x")
+      for op in ("bn", "add", "hardtanh"):
+        j = group[-1] + 1
+        if j >= n or layers[j]["op"] != op:
+          break
+        nxt = layers[j]
+        reads = [nxt.get("src", "x")] + ([nxt["src2"]] if op == "add" else [])
+        if cur not in reads or (op == "add" and reads[0] == reads[1]):
+          break
+        if nxt.get("dst", "x") != cur and _read_before_written(layers, j + 1, cur):
+          break
+        group.append(j)
+        cur = nxt.get("dst", "x")
+    plan.append(tuple(group))
+    i = group[-1] + 1
+  return plan
+
+
+def run_group(program, group, regs) -> jax.Array:
+  """One :func:`fusion_plan` group starting with a bconv: the C++ kernel on
+  CPU, the program's pure-JAX layers on any other platform."""
+  from cmim_jax.export import infer  # pylint: disable=import-outside-toplevel
+  conv = group[0]
+  name = conv["name"]
+  if name not in program._ffi_words:  # pylint: disable=protected-access
+    program._ffi_words[name] = kernel_words(program._a(conv, "bits"), conv["cin"])  # pylint: disable=protected-access
+  x = regs[conv.get("src", "x")]
+  ops = [l["op"] for l in group]
+  residual, res_reg = None, None
+  if "add" in ops:
+    add = group[ops.index("add")]
+    prev = group[ops.index("add") - 1].get("dst", "x")
+    res_reg = add["src2"] if add.get("src", "x") == prev else add.get("src", "x")
+    residual = regs[res_reg]
+
+  def pure(x, residual):
+    local = dict(regs)
+    local[conv.get("src", "x")] = x
+    if res_reg is not None:
+      local[res_reg] = residual
+    for layer in group:
+      local[layer.get("dst", "x")] = program._run(layer, local)  # pylint: disable=protected-access
+    return local[group[-1].get("dst", "x")]
+
+  if conv.get("shift") not in (None, "asd"):
+    return pure(x, residual)  # Raises, naming the unknown shift.
+
+  def native(x, residual):
+    if conv.get("shift") == "asd":
+      x = infer._asd(x, {"fc1": program._a(conv, "shift_fc1"),  # pylint: disable=protected-access
+                         "fc2": program._a(conv, "shift_fc2")})  # pylint: disable=protected-access
+    bn = None
+    if "bn" in ops:
+      layer = group[1]
+      bn = (program._a(layer, "mean"), program._bn_mul[layer["name"]], program._a(layer, "bias"))  # pylint: disable=protected-access
+    return bconv(x, program._ffi_words[name], program._a(conv, "alpha"), cin=conv["cin"],  # pylint: disable=protected-access
+                 strides=conv["strides"], padding=infer._pairs(conv["padding"]), bn=bn,  # pylint: disable=protected-access
+                 residual=residual, clip="hardtanh" in ops)
+
+  if residual is None:
+    return jax.lax.platform_dependent(x, None, cpu=native, default=pure)
+  return jax.lax.platform_dependent(x, residual, cpu=native, default=pure)

@@ -255,7 +255,8 @@ class Program:
     if kernel not in KERNELS:
       raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
     self.kernel = kernel
-    self._ffi_words: dict[str, np.ndarray] = {}
+    self._plan: list[tuple[int, ...]] | None = None  # ffi.fusion_plan, built on first use
+    self._ffi_words: dict[str, np.ndarray] = {}      # ffi.kernel_words per layer
     self.layers = [dict(l) for l in layers]
     self.arrays = dict(arrays)
     self.input_shape = tuple(int(v) for v in input_shape)
@@ -294,21 +295,19 @@ class Program:
       raise ValueError(f"packed model expects images of shape (B, {', '.join(map(str, self.input_shape))}), "
                        f"got {tuple(x.shape)}")
     regs = {"x": jnp.asarray(x, jnp.float32)}
-    use_ffi = self._use_ffi()
-    i = 0
-    while i < len(self.layers):
-      layer = self.layers[i]
-      if use_ffi and layer["op"] == "bconv":
-        bn = self.layers[i + 1] if i + 1 < len(self.layers) else None
-        # Fused only where the conv's result is read by the BatchNorm alone
-        # (it overwrites the register the conv wrote).
-        fuse = (bn is not None and bn["op"] == "bn"
-                and bn.get("src", "x") == layer.get("dst", "x") == bn.get("dst", "x"))
-        regs[layer.get("dst", "x")] = self._run_ffi(layer, regs, bn if fuse else None)
-        i += 2 if fuse else 1
-        continue
+    if self._use_ffi():
+      from cmim_jax.export import ffi  # pylint: disable=import-outside-toplevel
+      if self._plan is None:
+        self._plan = ffi.fusion_plan(self.layers)
+      for group in self._plan:
+        first, last = self.layers[group[0]], self.layers[group[-1]]
+        if first["op"] == "bconv":
+          regs[last.get("dst", "x")] = ffi.run_group(self, [self.layers[i] for i in group], regs)
+        else:
+          regs[first.get("dst", "x")] = self._run(first, regs)
+      return regs["x"]
+    for layer in self.layers:
       regs[layer.get("dst", "x")] = self._run(layer, regs)
-      i += 1
     return regs["x"]
 
   def _use_ffi(self) -> bool:
@@ -320,27 +319,6 @@ class Program:
         raise RuntimeError(f"kernel='ffi': the C++ kernel is not available: {ffi.status()}")
       return True
     return ffi.available()
-
-  def _run_ffi(self, layer, regs, bn) -> Array:
-    """A bconv layer (and the BatchNorm after it) by the C++ kernel on CPU, pure JAX elsewhere."""
-    from cmim_jax.export import ffi  # pylint: disable=import-outside-toplevel
-    name = layer["name"]
-    if name not in self._ffi_words:
-      self._ffi_words[name] = ffi.kernel_words(self._a(layer, "bits"), layer["cin"])
-    def pure(x):
-      y = self._run(layer, {layer.get("src", "x"): x})
-      return y if bn is None else self._run(bn, {bn.get("src", "x"): y})
-    x = regs[layer.get("src", "x")]
-    if layer.get("shift") not in (None, "asd"):
-      return pure(x)  # Raises, naming the unknown shift.
-    bn_args = None if bn is None else (self._a(bn, "mean"), self._bn_mul[bn["name"]],
-                                       self._a(bn, "bias"))
-    def native(x):
-      if layer.get("shift") == "asd":
-        x = _asd(x, {"fc1": self._a(layer, "shift_fc1"), "fc2": self._a(layer, "shift_fc2")})
-      return ffi.bconv(x, self._ffi_words[name], self._a(layer, "alpha"), cin=layer["cin"],
-                       strides=layer["strides"], padding=_pairs(layer["padding"]), bn=bn_args)
-    return jax.lax.platform_dependent(x, cpu=native, default=pure)
 
   def _run(self, layer, regs) -> Array:
     op = layer["op"]
