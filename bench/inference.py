@@ -203,7 +203,8 @@ def main():
       return jax.lax.conv_general_dilated(x_b, w_b, strides, padding,
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
     packed_layer = lambda x, layer=layer: program._run(layer, {layer["src"]: x})  # pylint: disable=protected-access
-    ffi_layer = lambda x, layer=layer: ffi.run_group(ffi_program, [layer], {layer["src"]: x})
+    ffi_layer = lambda x, layer=layer: ffi.run_group(ffi_program, [layer], {layer["src"]: x},
+                                                     always=True)
     for b in batch_sizes:
       x = jnp.asarray(rng.normal(size=(b, *in_shape[1:])).astype(np.float32))
       fns = {"float": jax.jit(float_layer), "packed": jax.jit(packed_layer)}
@@ -256,6 +257,8 @@ def main():
   cached_fn = lambda x: cached_apply(cached_dev, x)
   packed_fn = jax.jit(program.forward)
   ffi_fn = None if ffi_program is None else jax.jit(ffi_program.forward)
+  # The default, kernel="auto": the kernel only where ffi.faster_here.
+  auto_fn = None if ffi_program is None else jax.jit(packed.with_kernel("auto").program.forward)
   for b in batch_sizes:
     x = jnp.asarray(rng.normal(size=(b, *shape)).astype(np.float32))
     r = np.asarray(float_fn(x)), np.asarray(packed_fn(x))
@@ -264,7 +267,8 @@ def main():
     fns = {"float": float_fn, "cached": cached_fn, "packed": packed_fn}
     if ffi_fn is not None:
       np.testing.assert_array_equal(np.asarray(ffi_fn(x)), r[1])  # bit for bit
-      fns["ffi"] = ffi_fn
+      np.testing.assert_array_equal(np.asarray(auto_fn(x)), r[1])
+      fns["ffi"], fns["auto"] = ffi_fn, auto_fn
     t = paired_times(fns, x, repeats=args.repeats)
     tf, tc, tp = (statistics.median(t[k]) for k in ("float", "cached", "packed"))
     sp, spc = ratio_stats(t["float"], t["packed"]), ratio_stats(t["cached"], t["packed"])
@@ -286,6 +290,13 @@ def main():
       ti = statistics.median(t["ffi"])
       si, sc, sv = (ratio_stats(t[k], t["ffi"]) for k in ("float", "cached", "packed"))
       ops["ffi"] = executed_ops(ffi_fn, x)
+      ops["auto"] = executed_ops(auto_fn, x)
+      ta, sa = statistics.median(t["auto"]), ratio_stats(t["cached"], t["auto"])
+      row.update({"auto_ms": ta * 1e3, "auto_speedup_vs_cached": sa["median"],
+                  "auto_speedup_vs_cached_iqr": [sa["q25"], sa["q75"]]})
+      print(f"  end to end batch {b:4d}: auto (kernel where faster) {ta * 1e3:8.3f} ms; vs cached "
+            f"{sa['median']:5.2f}x ({sa['q25']:.2f}-{sa['q75']:.2f}); compiled ops {ops['auto']}",
+            flush=True)
       row.update({"ffi_ms": ti * 1e3, "ffi_speedup": si["median"],
                   "ffi_speedup_iqr": [si["q25"], si["q75"]], "ffi_speedup_vs_cached": sc["median"],
                   "ffi_speedup_vs_cached_iqr": [sc["q25"], sc["q75"]],

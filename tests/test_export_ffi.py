@@ -116,6 +116,15 @@ def test_models_ffi_equals_pure_bit_for_bit(built, name, tmp_path):
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
     else:
       np.testing.assert_array_equal(got, want)
+  if name == "resnet20":
+    # kernel="auto" at a batch where ffi.faster_here sends the stride-1
+    # convs of the first stage to pure JAX and the others to the kernel.
+    images = _images(shape, n=17)
+    auto = export.load(path)
+    hlo = jax.jit(auto.__call__).lower(images).as_text()
+    assert "cmim_bconv" in hlo and "popcnt" in hlo  # both paths
+    np.testing.assert_array_equal(np.asarray(jax.jit(auto.__call__)(images)),
+                                  np.asarray(jax.jit(pure.__call__)(images)))
 
 
 # Bit for bit everywhere but here: with every layer on the pure path except

@@ -6,7 +6,9 @@
   popcount) and writes one ``.cmimbnn`` file (:mod:`.fileformat`).
 * :func:`load` reads such a file and returns a jittable ``images -> logits``
   function (:class:`PackedModel`) that computes every binary layer as XNOR +
-  popcount over packed words (:mod:`.infer`, pure JAX).
+  popcount over packed words: on CPU one C++ XLA FFI call per layer
+  (:mod:`.ffi`, built on first use; ``CMIM_JAX_FFI=0`` or ``kernel="pure"``
+  switch it off), elsewhere and as the fallback in pure JAX (:mod:`.infer`).
 * :func:`serialize` / :func:`deserialize`: the packed function as a
   ``jax.export`` (StableHLO) artifact that runs without cmim_jax.
 * :func:`compare` checks packed against the training model's eval forward.

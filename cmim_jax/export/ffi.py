@@ -266,9 +266,25 @@ def fusion_plan(layers) -> list[tuple[int, ...]]:
   return plan
 
 
-def run_group(program, group, regs) -> jax.Array:
+# Where the kernel is used under kernel="auto", from bench/inference.py's
+# paired per-layer timings on the 2-core AVX-512 CPU (README "Inference"): at
+# batch 1 it beat the pure-JAX layer on every ResNet-20 and ResNet-18 shape
+# (1.6-14x); at batch 64 it beat it on the stride-2 convs (1.2-3.5x) but not
+# on the stride-1 ones (0.5-0.8x: XLA's vectorised loops over many positions
+# and its two threads do as well as one call there). Output positions per
+# call up to one 32x32 image count as "small"; larger stride-1 calls stay pure.
+SMALL_POSITIONS = 32 * 32
+
+
+def faster_here(batch: int, out_hw, strides) -> bool:
+  """Whether the kernel was measured faster than pure JAX for such a call."""
+  return batch * int(out_hw[0]) * int(out_hw[1]) <= SMALL_POSITIONS or max(strides) > 1
+
+
+def run_group(program, group, regs, *, always: bool = False) -> jax.Array:
   """One :func:`fusion_plan` group starting with a bconv: the C++ kernel on
-  CPU, the program's pure-JAX layers on any other platform."""
+  CPU where :func:`faster_here` (or ``always``), else the program's pure-JAX
+  layers (and on any other platform)."""
   from cmim_jax.export import infer  # pylint: disable=import-outside-toplevel
   conv = group[0]
   name = conv["name"]
@@ -294,6 +310,12 @@ def run_group(program, group, regs) -> jax.Array:
 
   if conv.get("shift") not in (None, "asd"):
     return pure(x, residual)  # Raises, naming the unknown shift.
+  (pt, pb), (pl, pr) = infer._pairs(conv["padding"])  # pylint: disable=protected-access
+  kh, kw = conv["kernel"]
+  sh, sw = conv["strides"]
+  out_hw = ((x.shape[1] + pt + pb - kh) // sh + 1, (x.shape[2] + pl + pr - kw) // sw + 1)
+  if not always and not faster_here(x.shape[0], out_hw, conv["strides"]):
+    return pure(x, residual)
 
   def native(x, residual):
     if conv.get("shift") == "asd":
