@@ -117,10 +117,14 @@ def test_models_ffi_equals_pure_bit_for_bit(built, name, tmp_path):
     else:
       np.testing.assert_array_equal(got, want)
   if name == "resnet20":
-    # kernel="auto" at a batch where ffi.faster_here sends the stride-1
-    # convs of the first stage to pure JAX and the others to the kernel.
-    images = _images(shape, n=17)
-    auto = export.load(path)
+    # kernel="auto" at a size where ffi.faster_here sends the first stage's
+    # convs (16x16 outputs, 4 images: 1024+ positions) to pure JAX and the
+    # later ones to the kernel.
+    shape = (16, 16, 3)
+    export.save(path, model, variables, model_name=name, input_shape=shape,
+                mean=(0.5,) * 3, std=(0.25,) * 3)
+    auto, pure = export.load(path), export.load(path, kernel="pure")
+    images = _images(shape, n=5)
     hlo = jax.jit(auto.__call__).lower(images).as_text()
     assert "cmim_bconv" in hlo and "popcnt" in hlo  # both paths
     np.testing.assert_array_equal(np.asarray(jax.jit(auto.__call__)(images)),
@@ -186,14 +190,14 @@ def test_missing_compiler_fails_with_its_name_and_auto_falls_back(monkeypatch, t
 
 def test_kernel_words_are_the_same_bits():
   rng = np.random.default_rng(3)
-  for cin in (3, 16, 17, 32, 33, 64, 100):
-    signs = rng.random((3, 3, 5, cin)) < 0.5  # [kh, kw, cout, cin]
+  for cin in (3, 16, 17, 32, 33, 64, 100, 128):
+    signs = rng.random((3, 3, 5 if cin != 128 else 8, cin)) < 0.5  # [kh, kw, cout, cin]
     bits = infer.pack_bits_np(signs)
     words = ffi.kernel_words(bits, cin)
     if words.ndim == 5:  # uint64 as uint32 pairs
       words = words.view("<u8")[..., 0]
     n = 8 * words.dtype.itemsize
     got = (words[..., None].astype(np.uint64) >> np.arange(n, dtype=np.uint64)) & 1
-    got = np.transpose(got, (0, 1, 3, 2, 4)).reshape(3, 3, -1, words.shape[2] * n)[:, :, :5, :cin]
+    got = np.transpose(got, (0, 1, 3, 2, 4)).reshape(3, 3, -1, words.shape[2] * n)[:, :, :signs.shape[2], :cin]
     np.testing.assert_array_equal(got.astype(bool), signs)
     assert words.shape[3] % (512 // n) == 0  # whole registers of output channels

@@ -168,7 +168,7 @@ def kernel_words(bits: np.ndarray, cin: int) -> np.ndarray:
   # Output channels zero-padded to whole 512-bit registers (the AVX-512 loop
   # reads them whole; the extra lanes are never stored).
   lanes = 64 // np.dtype(dtype).itemsize
-  words = np.pad(words, ((0, 0), (0, 0), (0, 0), (0, -cout % lanes)))
+  words = np.ascontiguousarray(np.pad(words, ((0, 0), (0, 0), (0, 0), (0, -cout % lanes))))
   if dtype is np.uint64:
     # As uint32 pairs (low word first): JAX without x64 truncates uint64.
     words = words.astype("<u8").view("<u4").reshape(*words.shape, 2).astype(np.uint32)
@@ -269,16 +269,19 @@ def fusion_plan(layers) -> list[tuple[int, ...]]:
 # Where the kernel is used under kernel="auto", from bench/inference.py's
 # paired per-layer timings on the 2-core AVX-512 CPU (README "Inference"): at
 # batch 1 it beat the pure-JAX layer on every ResNet-20 and ResNet-18 shape
-# (1.6-14x); at batch 64 it beat it on the stride-2 convs (1.2-3.5x) but not
-# on the stride-1 ones (0.5-0.8x: XLA's vectorised loops over many positions
-# and its two threads do as well as one call there). Output positions per
-# call up to one 32x32 image count as "small"; larger stride-1 calls stay pure.
+# (1.3-14x); at batch 64 it lost on every ResNet-18 shape (0.42-0.89x) and on
+# ResNet-20's stride-1 convs (0.5-0.8x; it won on ResNet-20's two stride-2
+# convs, 1.2-3.5x): over many positions XLA's vectorised loops and its two
+# threads do as well as one call, and the fixed costs the kernel removes no
+# longer matter. So the kernel runs small calls only: up to one 32x32 image's
+# output positions and a batch of at most 16 (batches 2-16 not measured).
 SMALL_POSITIONS = 32 * 32
+SMALL_BATCH = 16
 
 
-def faster_here(batch: int, out_hw, strides) -> bool:
-  """Whether the kernel was measured faster than pure JAX for such a call."""
-  return batch * int(out_hw[0]) * int(out_hw[1]) <= SMALL_POSITIONS or max(strides) > 1
+def faster_here(batch: int, out_hw) -> bool:
+  """Whether a call of this size is one the kernel was measured faster on."""
+  return batch <= SMALL_BATCH and batch * int(out_hw[0]) * int(out_hw[1]) <= SMALL_POSITIONS
 
 
 def run_group(program, group, regs, *, always: bool = False) -> jax.Array:
@@ -314,7 +317,7 @@ def run_group(program, group, regs, *, always: bool = False) -> jax.Array:
   kh, kw = conv["kernel"]
   sh, sw = conv["strides"]
   out_hw = ((x.shape[1] + pt + pb - kh) // sh + 1, (x.shape[2] + pl + pr - kw) // sw + 1)
-  if not always and not faster_here(x.shape[0], out_hw, conv["strides"]):
+  if not always and not faster_here(x.shape[0], out_hw):
     return pure(x, residual)
 
   def native(x, residual):
