@@ -266,28 +266,19 @@ def fusion_plan(layers) -> list[tuple[int, ...]]:
   return plan
 
 
-# Where the kernel is used under kernel="auto", from bench/inference.py's
-# paired per-layer timings on the 2-core AVX-512 CPU (README "Inference"): at
-# batch 1 it beat the pure-JAX layer on every ResNet-20 and ResNet-18 shape
-# (1.3-14x); at batch 64 it lost on every ResNet-18 shape (0.42-0.89x) and on
-# ResNet-20's stride-1 convs (0.5-0.8x; it won on ResNet-20's two stride-2
-# convs, 1.2-3.5x): over many positions XLA's vectorised loops and its two
-# threads do as well as one call, and the fixed costs the kernel removes no
-# longer matter. So the kernel runs small calls only: up to one 32x32 image's
-# output positions and a batch of at most 16 (batches 2-16 not measured).
-SMALL_POSITIONS = 32 * 32
-SMALL_BATCH = 16
+# kernel="auto" uses the kernel for every binary conv on CPU. Measured with
+# bench/inference.py (README "Inference"): end to end it beat the pure-JAX
+# program at batch 1 and 64 on ResNet-20 (1.6x, 1.44x) and ResNet-18 (1.75x,
+# 1.09x). Per conv alone at batch 64, under a load average of 20+, it lost on
+# most shapes (0.42-0.97x); a rule sending those calls to pure JAX made
+# ResNet-18 at batch 64 slower end to end (3.74x against the float model
+# instead of 4.93x), since the fused BatchNorm/residual/hardtanh are then lost
+# too. So there is no per-shape rule.
 
 
-def faster_here(batch: int, out_hw) -> bool:
-  """Whether a call of this size is one the kernel was measured faster on."""
-  return batch <= SMALL_BATCH and batch * int(out_hw[0]) * int(out_hw[1]) <= SMALL_POSITIONS
-
-
-def run_group(program, group, regs, *, always: bool = False) -> jax.Array:
+def run_group(program, group, regs) -> jax.Array:
   """One :func:`fusion_plan` group starting with a bconv: the C++ kernel on
-  CPU where :func:`faster_here` (or ``always``), else the program's pure-JAX
-  layers (and on any other platform)."""
+  CPU, the program's pure-JAX layers on any other platform."""
   from cmim_jax.export import infer  # pylint: disable=import-outside-toplevel
   conv = group[0]
   name = conv["name"]
@@ -313,12 +304,6 @@ def run_group(program, group, regs, *, always: bool = False) -> jax.Array:
 
   if conv.get("shift") not in (None, "asd"):
     return pure(x, residual)  # Raises, naming the unknown shift.
-  (pt, pb), (pl, pr) = infer._pairs(conv["padding"])  # pylint: disable=protected-access
-  kh, kw = conv["kernel"]
-  sh, sw = conv["strides"]
-  out_hw = ((x.shape[1] + pt + pb - kh) // sh + 1, (x.shape[2] + pl + pr - kw) // sw + 1)
-  if not always and not faster_here(x.shape[0], out_hw):
-    return pure(x, residual)
 
   def native(x, residual):
     if conv.get("shift") == "asd":

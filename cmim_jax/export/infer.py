@@ -244,9 +244,8 @@ class Program:
     input_shape: (H, W, C) of one image.
     mean, std: per-channel normalisation on the 0..1 scale.
     kernel: how binary convs run on CPU: ``"auto"`` (the C++ FFI kernel of
-      :mod:`cmim_jax.export.ffi` for the calls where it was measured faster,
-      ``ffi.faster_here``, if it builds and ``CMIM_JAX_FFI`` is not 0; else
-      pure JAX), ``"ffi"`` (every binary conv; raises if it cannot be built)
+      :mod:`cmim_jax.export.ffi` if it builds and ``CMIM_JAX_FFI`` is not 0,
+      else pure JAX), ``"ffi"`` (the kernel; raises if it cannot be built)
       or ``"pure"``. Off CPU, binary convs always run pure JAX.
   """
 
@@ -303,8 +302,7 @@ class Program:
       for group in self._plan:
         first, last = self.layers[group[0]], self.layers[group[-1]]
         if first["op"] == "bconv":
-          regs[last.get("dst", "x")] = ffi.run_group(self, [self.layers[i] for i in group], regs,
-                                                     always=self.kernel == "ffi")
+          regs[last.get("dst", "x")] = ffi.run_group(self, [self.layers[i] for i in group], regs)
         else:
           regs[first.get("dst", "x")] = self._run(first, regs)
       return regs["x"]
