@@ -287,64 +287,6 @@ def main():
       si, sc, sv = (ratio_stats(t[k], t["ffi"]) for k in ("float", "cached", "packed"))
       ops["ffi"] = executed_ops(ffi_fn, x)
       row.update({"ffi_ms": ti * 1e3, "ffi_speedup": si["median"],
-                    "ffi_speedup_iqr": [si["q25"], si["q75"]], "ffi_vs_pure": sv["median"],
-                    "ffi_vs_pure_iqr": [sv["q25"], sv["q75"]]})
-        line += (f"  ffi {ti * 1e3:8.3f} ms {si['median']:5.2f}x ({si['q25']:.2f}-{si['q75']:.2f}; "
-                 f"vs pure {sv['median']:.2f}x)")
-      layer_rows.append(row)
-      print(line, flush=True)
-
-  v = {k: variables[k] for k in ("params", "batch_stats")}
-  # The variables are arguments, as in training (closed over, XLA would fold
-  # the kernel quantization into constants at compile time, slowly).
-  float_apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  v_dev = jax.device_put(v)  # on the device once, not copied on every call
-  float_fn = lambda x: float_apply(v_dev, x)
-  # A float deployment would quantize the kernels once: the same model with
-  # identity kernel quantizers reading the binarized kernels.
-  cached = jax.tree.map(np.asarray, v)
-  for layer in bconvs:
-    node = _params_at(cached["params"], layer["name"])
-    node["kernel"] = np.asarray(jax.jit(lambda p: layers.effective_kernel(
-        {k: x for k, x in p.items() if k != "input_shift"}, model.kernel_quantizer,
-        binarize.DEFAULT_SCHEDULE))(_params_at(v["params"], layer["name"])))
-  cached_model = model.clone(kernel_quantizer="identity")
-  cached_apply = jax.jit(lambda v, x: cached_model.apply(v, x, train=False))
-  cached_dev = jax.device_put(cached)
-  cached_fn = lambda x: cached_apply(cached_dev, x)
-  packed_fn = jax.jit(program.forward)
-  ffi_fn = None if ffi_program is None else jax.jit(ffi_program.forward)
-  for b in batch_sizes:
-    x = jnp.asarray(rng.normal(size=(b, *shape)).astype(np.float32))
-    r = np.asarray(float_fn(x)), np.asarray(packed_fn(x))
-    agree = float(np.mean(r[0].argmax(-1) == r[1].argmax(-1)))
-    np.testing.assert_allclose(np.asarray(cached_fn(x)), r[0], rtol=1e-4, atol=1e-4)
-    fns = {"float": float_fn, "cached": cached_fn, "packed": packed_fn}
-    if ffi_fn is not None:
-      np.testing.assert_array_equal(np.asarray(ffi_fn(x)), r[1])  # bit for bit
-      fns["ffi"] = ffi_fn
-    t = paired_times(fns, x, repeats=args.repeats)
-    tf, tc, tp = (statistics.median(t[k]) for k in ("float", "cached", "packed"))
-    sp, spc = ratio_stats(t["float"], t["packed"]), ratio_stats(t["cached"], t["packed"])
-    ops = {"float": executed_ops(float_apply, v_dev, x),
-           "cached": executed_ops(cached_apply, cached_dev, x),
-           "packed": executed_ops(packed_fn, x)}
-    row = {"batch": b, "executed_ops": ops,
-                     "float_ms": tf * 1e3, "float_cached_kernels_ms": tc * 1e3,
-                     "packed_ms": tp * 1e3, "speedup": sp["median"],
-                     "speedup_iqr": [sp["q25"], sp["q75"]], "speedup_vs_cached": spc["median"],
-                     "speedup_vs_cached_iqr": [spc["q25"], spc["q75"]],
-                     "argmax_agree": agree, "max_abs_diff": float(np.max(np.abs(r[0] - r[1])))}
-    print(f"  end to end batch {b:4d}: float {tf * 1e3:8.3f} ms (kernels quantized once: "
-          f"{tc * 1e3:8.3f} ms)  pure {tp * 1e3:8.3f} ms  {sp['median']:5.2f}x "
-          f"({sp['q25']:.2f}-{sp['q75']:.2f}; vs cached {spc['median']:5.2f}x)  "
-          f"(argmax agree {agree:.3f}; compiled ops: float {ops['float']}, cached "
-          f"{ops['cached']}, pure {ops['packed']})", flush=True)
-    if ffi_fn is not None:
-      ti = statistics.median(t["ffi"])
-      si, sc, sv = (ratio_stats(t[k], t["ffi"]) for k in ("float", "cached", "packed"))
-      ops["ffi"] = executed_ops(ffi_fn, x)
-      row.update({"ffi_ms": ti * 1e3, "ffi_speedup": si["median"],
                   "ffi_speedup_iqr": [si["q25"], si["q75"]], "ffi_speedup_vs_cached": sc["median"],
                   "ffi_speedup_vs_cached_iqr": [sc["q25"], sc["q75"]],
                   "ffi_vs_pure": sv["median"], "ffi_vs_pure_iqr": [sv["q25"], sv["q75"]]})
