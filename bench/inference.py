@@ -4,12 +4,15 @@ For one registered model (default CIFAR ResNet-18 1w1a) it packs random
 variables (speed does not depend on their values; ``--workdir`` packs a real
 run instead) and measures, at each batch size:
 
-* per binary 3x3 conv (one row per distinct shape): the packed layer
-  (binarize + pack the input, XNOR-popcount over uint32 words, border map,
-  scale) vs the float layer the training model runs in eval mode
+* per binary 3x3 conv (one row per distinct shape): the packed layer, in
+  pure JAX (binarize + pack the input, XNOR-popcount over uint32 words,
+  border map, scale) and as the C++ XLA FFI kernel
+  (:mod:`cmim_jax.export.ffi`, one call per layer) vs the float layer the
+  training model runs in eval mode
   (``sign(x)`` convolved in float32 with its binarized kernel, the kernel
   quantized once outside the timing: the strongest float baseline);
-* end to end: ``cmim_jax.export.load(path)``'s forward vs
+* end to end: ``cmim_jax.export.load(path)``'s forward (pure JAX and with
+  the FFI kernel, which also applies the BatchNorm after each conv) vs
   ``model.apply(variables, x, train=False)`` (which re-quantizes the latent
   kernels on every call, as the training model does) and vs the same model
   with its kernels quantized once (identity kernel quantizer reading the
@@ -17,7 +20,7 @@ run instead) and measures, at each batch size:
   variables passed as arguments, on normalised float32 images.
 
 Timing is paired: after compilation and one warm-up call each, every round
-calls the float and the packed function once each, back to back, and a
+calls every variant once, back to back, and a
 speedup is the median (and quartiles) of the per-round ratios, which a
 shared machine's changing load moves less than a ratio of separate medians;
 times are medians over the ``--repeats`` rounds. Weight memory: float32
@@ -28,6 +31,9 @@ object.
   python bench/inference.py                          # ResNet-18, batch 1 and 64, CPU
   python bench/inference.py --model resnet20 --batch_sizes 1,256
   python bench/inference.py --workdir runs/c10       # a trained run (uses its config)
+
+Where the FFI kernel cannot be built (no compiler) its columns are absent
+and the JSON's ``ffi`` field says why.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cmim_jax import binarize, export, layers, models  # noqa: E402
+from cmim_jax.export import ffi  # noqa: E402
 
 
 def random_variables(model, shape, seed=0):
@@ -154,8 +161,11 @@ def main():
     path = os.path.join(tmp, "m.cmimbnn")
     result = export.save(path, model, variables, model_name=name, input_shape=shape,
                          mean=mean, std=std)
-    packed = export.load(path)
+    packed = export.load(path, kernel="pure")
   program = packed.program
+  ffi_status = ffi.status()
+  ffi_program = packed.with_kernel("ffi").program if ffi.available() else None
+  print(f"C++ FFI kernel: {ffi_status}")
   bconvs = [l for l in program.layers if l["op"] == "bconv"]
   latent = sum(4 * np.size(_params_at(variables["params"], l["name"])["kernel"]) for l in bconvs)
   bits = sum(program.arrays[f"{l['name']}/bits"].nbytes for l in bconvs)
@@ -193,25 +203,38 @@ def main():
       return jax.lax.conv_general_dilated(x_b, w_b, strides, padding,
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
     packed_layer = lambda x, layer=layer: program._run(layer, {layer["src"]: x})  # pylint: disable=protected-access
+    ffi_layer = lambda x, layer=layer: ffi.run_group(ffi_program, [layer], {layer["src"]: x})
     for b in batch_sizes:
       x = jnp.asarray(rng.normal(size=(b, *in_shape[1:])).astype(np.float32))
-      f_fn, p_fn = jax.jit(float_layer), jax.jit(packed_layer)
+      fns = {"float": jax.jit(float_layer), "packed": jax.jit(packed_layer)}
+      if ffi_program is not None:
+        fns["ffi"] = jax.jit(ffi_layer)
       # The layer itself must agree before its speed means anything.
       # (w_b carries the scale alpha already: no second factor.)
-      np.testing.assert_allclose(np.asarray(p_fn(x)), np.asarray(f_fn(x)),
+      np.testing.assert_allclose(np.asarray(fns["packed"](x)), np.asarray(fns["float"](x)),
                                  rtol=1e-5, atol=1e-4)
-      t = paired_times({"float": f_fn, "packed": p_fn}, x, repeats=args.repeats)
+      if "ffi" in fns:
+        np.testing.assert_array_equal(np.asarray(fns["ffi"](x)), np.asarray(fns["packed"](x)))
+      t = paired_times(fns, x, repeats=args.repeats)
       tf, tp = statistics.median(t["float"]), statistics.median(t["packed"])
       sp = ratio_stats(t["float"], t["packed"])
       row = {"layer": layer["name"], "input": list(in_shape[1:]), "cout": layer["cout"],
              "strides": layer["strides"], "batch": b, "float_ms": tf * 1e3,
              "packed_ms": tp * 1e3, "speedup": sp["median"],
              "speedup_iqr": [sp["q25"], sp["q75"]]}
+      line = (f"  {layer['name']:24s} in {'x'.join(map(str, in_shape[1:])):>10s} -> "
+              f"{layer['cout']:4d} s{layer['strides'][0]} batch {b:4d}: float {tf * 1e3:8.3f} ms  "
+              f"pure {tp * 1e3:8.3f} ms {sp['median']:5.2f}x ({sp['q25']:.2f}-{sp['q75']:.2f})")
+      if "ffi" in fns:
+        ti = statistics.median(t["ffi"])
+        si, sv = ratio_stats(t["float"], t["ffi"]), ratio_stats(t["packed"], t["ffi"])
+        row.update({"ffi_ms": ti * 1e3, "ffi_speedup": si["median"],
+                    "ffi_speedup_iqr": [si["q25"], si["q75"]], "ffi_vs_pure": sv["median"],
+                    "ffi_vs_pure_iqr": [sv["q25"], sv["q75"]]})
+        line += (f"  ffi {ti * 1e3:8.3f} ms {si['median']:5.2f}x ({si['q25']:.2f}-{si['q75']:.2f}; "
+                 f"vs pure {sv['median']:.2f}x)")
       layer_rows.append(row)
-      print(f"  {layer['name']:24s} in {'x'.join(map(str, in_shape[1:])):>10s} -> {layer['cout']:4d} "
-            f"s{layer['strides'][0]} batch {b:4d}: float {tf * 1e3:8.3f} ms  packed "
-            f"{tp * 1e3:8.3f} ms  {sp['median']:5.2f}x ({sp['q25']:.2f}-{sp['q75']:.2f})",
-            flush=True)
+      print(line, flush=True)
 
   v = {k: variables[k] for k in ("params", "batch_stats")}
   # The variables are arguments, as in training (closed over, XLA would fold
@@ -232,29 +255,46 @@ def main():
   cached_dev = jax.device_put(cached)
   cached_fn = lambda x: cached_apply(cached_dev, x)
   packed_fn = jax.jit(program.forward)
+  ffi_fn = None if ffi_program is None else jax.jit(ffi_program.forward)
   for b in batch_sizes:
     x = jnp.asarray(rng.normal(size=(b, *shape)).astype(np.float32))
     r = np.asarray(float_fn(x)), np.asarray(packed_fn(x))
     agree = float(np.mean(r[0].argmax(-1) == r[1].argmax(-1)))
     np.testing.assert_allclose(np.asarray(cached_fn(x)), r[0], rtol=1e-4, atol=1e-4)
-    t = paired_times({"float": float_fn, "cached": cached_fn, "packed": packed_fn}, x,
-                     repeats=args.repeats)
+    fns = {"float": float_fn, "cached": cached_fn, "packed": packed_fn}
+    if ffi_fn is not None:
+      np.testing.assert_array_equal(np.asarray(ffi_fn(x)), r[1])  # bit for bit
+      fns["ffi"] = ffi_fn
+    t = paired_times(fns, x, repeats=args.repeats)
     tf, tc, tp = (statistics.median(t[k]) for k in ("float", "cached", "packed"))
     sp, spc = ratio_stats(t["float"], t["packed"]), ratio_stats(t["cached"], t["packed"])
     ops = {"float": executed_ops(float_apply, v_dev, x),
            "cached": executed_ops(cached_apply, cached_dev, x),
            "packed": executed_ops(packed_fn, x)}
-    e2e_rows.append({"batch": b, "executed_ops": ops,
+    row = {"batch": b, "executed_ops": ops,
                      "float_ms": tf * 1e3, "float_cached_kernels_ms": tc * 1e3,
                      "packed_ms": tp * 1e3, "speedup": sp["median"],
                      "speedup_iqr": [sp["q25"], sp["q75"]], "speedup_vs_cached": spc["median"],
                      "speedup_vs_cached_iqr": [spc["q25"], spc["q75"]],
-                     "argmax_agree": agree, "max_abs_diff": float(np.max(np.abs(r[0] - r[1])))})
+                     "argmax_agree": agree, "max_abs_diff": float(np.max(np.abs(r[0] - r[1])))}
     print(f"  end to end batch {b:4d}: float {tf * 1e3:8.3f} ms (kernels quantized once: "
-          f"{tc * 1e3:8.3f} ms)  packed {tp * 1e3:8.3f} ms  {sp['median']:5.2f}x "
+          f"{tc * 1e3:8.3f} ms)  pure {tp * 1e3:8.3f} ms  {sp['median']:5.2f}x "
           f"({sp['q25']:.2f}-{sp['q75']:.2f}; vs cached {spc['median']:5.2f}x)  "
           f"(argmax agree {agree:.3f}; compiled ops: float {ops['float']}, cached "
-          f"{ops['cached']}, packed {ops['packed']})", flush=True)
+          f"{ops['cached']}, pure {ops['packed']})", flush=True)
+    if ffi_fn is not None:
+      ti = statistics.median(t["ffi"])
+      si, sc, sv = (ratio_stats(t[k], t["ffi"]) for k in ("float", "cached", "packed"))
+      ops["ffi"] = executed_ops(ffi_fn, x)
+      row.update({"ffi_ms": ti * 1e3, "ffi_speedup": si["median"],
+                  "ffi_speedup_iqr": [si["q25"], si["q75"]], "ffi_speedup_vs_cached": sc["median"],
+                  "ffi_speedup_vs_cached_iqr": [sc["q25"], sc["q75"]],
+                  "ffi_vs_pure": sv["median"], "ffi_vs_pure_iqr": [sv["q25"], sv["q75"]]})
+      print(f"  end to end batch {b:4d}: ffi {ti * 1e3:8.3f} ms  {si['median']:5.2f}x "
+            f"({si['q25']:.2f}-{si['q75']:.2f}); vs cached {sc['median']:5.2f}x "
+            f"({sc['q25']:.2f}-{sc['q75']:.2f}); vs pure {sv['median']:5.2f}x "
+            f"({sv['q25']:.2f}-{sv['q75']:.2f}); compiled ops {ops['ffi']}", flush=True)
+    e2e_rows.append(row)
 
   by_batch = {}
   for b in batch_sizes:
@@ -263,13 +303,17 @@ def main():
       by_batch[str(b)] = {"min": min(r["speedup"] for r in rows),
                           "median": statistics.median(r["speedup"] for r in rows),
                           "max": max(r["speedup"] for r in rows)}
+      if all("ffi_speedup" in r for r in rows):
+        by_batch[str(b)]["ffi"] = {"min": min(r["ffi_speedup"] for r in rows),
+                                   "median": statistics.median(r["ffi_speedup"] for r in rows),
+                                   "max": max(r["ffi_speedup"] for r in rows)}
   print(json.dumps({
       "model": name, "input_shape": list(shape), "backend": jax.default_backend(),
       "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
       "machine": platform.machine(), "jax": jax.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-      "memory": memory, "layers": layer_rows, "layer_speedup": by_batch,
+      "ffi": ffi_status, "memory": memory, "layers": layer_rows, "layer_speedup": by_batch,
       "end_to_end": e2e_rows}))
 
 

@@ -6,7 +6,9 @@
   popcount) and writes one ``.cmimbnn`` file (:mod:`.fileformat`).
 * :func:`load` reads such a file and returns a jittable ``images -> logits``
   function (:class:`PackedModel`) that computes every binary layer as XNOR +
-  popcount over packed words (:mod:`.infer`, pure JAX).
+  popcount over packed words: on CPU one C++ XLA FFI call per layer
+  (:mod:`.ffi`, built on first use; ``CMIM_JAX_FFI=0`` or ``kernel="pure"``
+  switch it off), elsewhere and as the fallback in pure JAX (:mod:`.infer`).
 * :func:`serialize` / :func:`deserialize`: the packed function as a
   ``jax.export`` (StableHLO) artifact that runs without cmim_jax.
 * :func:`compare` checks packed against the training model's eval forward.
@@ -37,10 +39,15 @@ class PackedModel:
     program: the :class:`~cmim_jax.export.infer.Program` it runs.
   """
 
-  def __init__(self, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray]):
+  def __init__(self, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+               kernel: str = "auto"):
     self.manifest = dict(manifest)
     self.program = infer.Program(manifest["layers"], arrays, manifest["input_shape"],
-                                 manifest["mean"], manifest["std"])
+                                 manifest["mean"], manifest["std"], kernel=kernel)
+
+  def with_kernel(self, kernel: str) -> "PackedModel":
+    """The same model with binary convs run by ``kernel`` ("auto", "ffi", "pure")."""
+    return PackedModel(self.manifest, self.program.arrays, kernel=kernel)
 
   @property
   def input_shape(self) -> tuple[int, ...]:
@@ -59,8 +66,15 @@ class PackedModel:
     return int(sum(a.nbytes for a in self.program.arrays.values()))
 
 
-def load(path: str) -> PackedModel:
+def load(path: str, kernel: str = "auto") -> PackedModel:
   """Loads a ``.cmimbnn`` file written by :func:`export_workdir`/:func:`save`.
+
+  Args:
+    path: the file.
+    kernel: how binary convs run on CPU: "auto" (the C++ XLA FFI kernel of
+      :mod:`cmim_jax.export.ffi`, built on first use, where it builds and
+      ``CMIM_JAX_FFI`` is not 0; pure JAX otherwise), "ffi" (required) or
+      "pure". GPU/TPU always run pure JAX.
 
   Raises:
     FileNotFoundError: no such file.
@@ -76,7 +90,7 @@ def load(path: str) -> PackedModel:
       raise ExportFileError(f"{path}: layer {layer.get('name')!r} has input shift "
                             f"{layer.get('shift')!r}, which this cmim_jax cannot run (known: "
                             f"{', '.join(str(v) for v in infer.BCONV_SHIFTS)}).")
-  return PackedModel(manifest, arrays)
+  return PackedModel(manifest, arrays, kernel=kernel)
 
 
 # --------------------------------------------------------------------------
@@ -225,6 +239,8 @@ def serialize(model: PackedModel, *, batch_size: int | None = None,
   from jax import export as jax_export
   batch = jax_export.symbolic_shape("b")[0] if batch_size is None else batch_size
   spec = jax.ShapeDtypeStruct((batch, *model.input_shape), jnp.uint8)
+  # Pure JAX: the artifact must run without cmim_jax's C++ kernel registered.
+  model = model.with_kernel("pure")
   exported = jax_export.export(jax.jit(model.__call__), platforms=platforms)(spec)
   return bytes(exported.serialize())
 

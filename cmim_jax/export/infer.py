@@ -243,10 +243,20 @@ class Program:
     arrays: ``{'<layer name>/<key>': np.ndarray}``.
     input_shape: (H, W, C) of one image.
     mean, std: per-channel normalisation on the 0..1 scale.
+    kernel: how binary convs run on CPU: ``"auto"`` (the C++ FFI kernel of
+      :mod:`cmim_jax.export.ffi` if it builds and ``CMIM_JAX_FFI`` is not 0,
+      else pure JAX), ``"ffi"`` (the kernel; raises if it cannot be built)
+      or ``"pure"``. Off CPU, binary convs always run pure JAX.
   """
 
   def __init__(self, layers: Sequence[Mapping[str, Any]], arrays: Mapping[str, np.ndarray],
-               input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]):
+               input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
+               kernel: str = "auto"):
+    if kernel not in KERNELS:
+      raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+    self.kernel = kernel
+    self._plan: list[tuple[int, ...]] | None = None  # ffi.fusion_plan, built on first use
+    self._ffi_words: dict[str, np.ndarray] = {}      # ffi.kernel_words per layer
     self.layers = [dict(l) for l in layers]
     self.arrays = dict(arrays)
     self.input_shape = tuple(int(v) for v in input_shape)
@@ -285,9 +295,30 @@ class Program:
       raise ValueError(f"packed model expects images of shape (B, {', '.join(map(str, self.input_shape))}), "
                        f"got {tuple(x.shape)}")
     regs = {"x": jnp.asarray(x, jnp.float32)}
+    if self._use_ffi():
+      from cmim_jax.export import ffi  # pylint: disable=import-outside-toplevel
+      if self._plan is None:
+        self._plan = ffi.fusion_plan(self.layers)
+      for group in self._plan:
+        first, last = self.layers[group[0]], self.layers[group[-1]]
+        if first["op"] == "bconv":
+          regs[last.get("dst", "x")] = ffi.run_group(self, [self.layers[i] for i in group], regs)
+        else:
+          regs[first.get("dst", "x")] = self._run(first, regs)
+      return regs["x"]
     for layer in self.layers:
       regs[layer.get("dst", "x")] = self._run(layer, regs)
     return regs["x"]
+
+  def _use_ffi(self) -> bool:
+    if self.kernel == "pure":
+      return False
+    from cmim_jax.export import ffi  # pylint: disable=import-outside-toplevel
+    if self.kernel == "ffi":
+      if not ffi._load()[0]:  # pylint: disable=protected-access
+        raise RuntimeError(f"kernel='ffi': the C++ kernel is not available: {ffi.status()}")
+      return True
+    return ffi.available()
 
   def _run(self, layer, regs) -> Array:
     op = layer["op"]
@@ -338,6 +369,7 @@ class Program:
     raise ValueError(f"layer {name!r}: unknown op {op!r}")
 
 
+KERNELS = ("auto", "ffi", "pure")
 OPS = ("bconv", "conv", "bn", "hardtanh", "add", "max_pool", "avg_pool", "option_a",
        "global_avg_pool", "flatten", "dense", "channel_add", "rprelu", "concat")
 # Values of a bconv layer's optional "shift" attribute (None: no shift).

@@ -1,0 +1,466 @@
+// One packed binary convolution layer per call, as an XLA FFI custom call on CPU.
+//
+// out[b, y, x, o] = alpha[o] * sum over the taps inside the image of
+//                   sum_c sign(x)[b, iy, ix, c] * sign(w)[tap, c, o]
+// optionally followed by the per-channel BatchNorm ((v - mean) * mul + bias),
+// then optionally a residual add and a hardtanh (a ResNet block's tail).
+//
+// The input is binarized (x >= 0 is +1, as training's sign) and packed along
+// channels into words of T (uint16 for cin <= 16, uint32 for cin <= 32,
+// uint64 above); the kernel arrives packed the same way, [kh, kw, K, cs] with
+// the output channels zero-padded to cs, a whole number of 512-bit registers
+// (laid out by cmim_jax/export/ffi.py). For a tap inside the image the +-1
+// dot is cin - 2 * popcount(x ^ w) (channel-padding bits are 0 in both and
+// never count); a tap on padding is skipped, i.e. contributes 0, exactly as
+// the zero padding after binarization in training. So the integer is exact
+// and the float epilogue is the pure-JAX path's operations in its order
+// (int -> float, * alpha, then the BatchNorm's subtract and its multiply-add,
+// which XLA:CPU contracts into one FMA on a CPU that has one): compiled with
+// -ffp-contract=off so that the compiler fuses nothing else.
+//
+// Portability: compiled with -O3 and no -march. The hot loops exist three
+// times (AVX-512 VPOPCNTDQ/BITALG intrinsics; plain C++ compiled for AVX2 +
+// POPCNT; plain C++ for the baseline of any architecture) and the variant is
+// chosen once at run time with __builtin_cpu_supports, so the shared object
+// runs on any machine of its architecture.
+//
+// Threads: a large call (batch 64) is split into row ranges run on XLA's
+// intra-op thread pool (ffi::ThreadPool), the calling thread taking ranges
+// too, so it completes even if no pool thread is free; small calls (batch 1)
+// stay on the calling thread, where a hand-off costs more than it saves.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Geometry {
+  int64_t b, h, w, cin;      // input
+  int64_t kh, kw, k, cs;     // kernel: taps, words per position, output-channel stride
+  int64_t sh, sw, pt, pl;    // strides, top/left padding
+  int64_t ho, wo, cout;      // output
+};
+
+// The output channels [o0, o0 + n) of one position from their mismatch
+// counts: the pure-JAX path's float operations in its order.
+template <typename T, bool kFma>
+inline __attribute__((always_inline)) void Epilogue(float* __restrict dst, const T* __restrict acc,
+                                                    int64_t n, int32_t full,
+                                                    const float* __restrict alpha,
+                                                    const float* __restrict mean,
+                                                    const float* __restrict mul,
+                                                    const float* __restrict bias,
+                                                    const float* __restrict res, bool clip) {
+  if (mean == nullptr) {
+    for (int64_t o = 0; o < n; ++o)
+      dst[o] = static_cast<float>(full - 2 * static_cast<int32_t>(acc[o])) * alpha[o];
+    return;
+  }
+  for (int64_t o = 0; o < n; ++o) {
+    const float v = static_cast<float>(full - 2 * static_cast<int32_t>(acc[o])) * alpha[o];
+    // XLA:CPU contracts the BatchNorm's multiply and add into one FMA where
+    // the CPU has one (measured: its result equals fma(v - mean, mul, bias)
+    // everywhere, two roundings differ in 17% of values), so the same here,
+    // and two roundings where there is none.
+    float u = kFma ? __builtin_fmaf(v - mean[o], mul[o], bias[o]) : (v - mean[o]) * mul[o] + bias[o];
+    // The residual add and hardtanh that follow in a ResNet block: one
+    // rounding, then an exact clamp (jnp.clip's max then min).
+    if (res != nullptr) u = u + res[o];
+    if (clip) u = std::min(std::max(u, -1.0f), 1.0f);
+    dst[o] = u;
+  }
+}
+
+// The taps of output position (oy, ox) that fall inside the image: rows
+// [i0, i1), columns [j0, j1); a tap on padding contributes 0.
+struct Window {
+  int64_t y0, x0, i0, i1, j0, j1;
+};
+
+inline __attribute__((always_inline)) Window TapsInside(const Geometry& g, int64_t oy, int64_t ox) {
+  Window t;
+  t.y0 = oy * g.sh - g.pt;
+  t.x0 = ox * g.sw - g.pl;
+  t.i0 = std::max<int64_t>(0, -t.y0);
+  t.i1 = std::min(g.kh, g.h - t.y0);
+  t.j0 = std::max<int64_t>(0, -t.x0);
+  t.j1 = std::min(g.kw, g.w - t.x0);
+  return t;
+}
+
+struct Args {
+  const float* x;
+  const void* wt;
+  const float *alpha, *mean, *mul, *bias;  // mean == nullptr: no BatchNorm
+  const float* res;                         // residual added after the BatchNorm, or nullptr
+  bool clip;                                // hardtanh after that
+  float* out;
+};
+
+// Plain C++ (any CPU): binarize + pack the input positions [n0, n1).
+template <typename T>
+inline __attribute__((always_inline)) void PackGeneric(const Geometry& g, const float* __restrict x,
+                                                       T* __restrict packed, int64_t n0, int64_t n1) {
+  constexpr int64_t kBits = 8 * sizeof(T);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t word = 0; word < g.k; ++word) {
+      const int64_t c0 = word * kBits, c1 = std::min(g.cin, c0 + kBits);
+      T v = 0;
+      for (int64_t c = c0; c < c1; ++c) v |= static_cast<T>(x[n * g.cin + c] >= 0.0f) << (c - c0);
+      packed[n * g.k + word] = v;
+    }
+  }
+}
+
+// Plain C++: the output rows [r0, r1) (row r = image r / ho, row r % ho), per
+// position a loop over output channels that the compiler vectorises where it can.
+template <typename T, bool kFma>
+inline __attribute__((always_inline)) void RowsGeneric(const Geometry& g, const Args& a,
+                                                       const T* __restrict packed, int64_t r0,
+                                                       int64_t r1) {
+  const T* __restrict wt = static_cast<const T*>(a.wt);
+  std::vector<T> acc_buf(static_cast<size_t>(g.cout));
+  T* __restrict acc = acc_buf.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / g.ho, oy = r % g.ho;
+    const T* img = packed + b * g.h * g.w * g.k;
+    for (int64_t ox = 0; ox < g.wo; ++ox) {
+      const Window t = TapsInside(g, oy, ox);
+      for (int64_t o = 0; o < g.cout; ++o) acc[o] = 0;
+      for (int64_t i = t.i0; i < t.i1; ++i) {
+        for (int64_t j = t.j0; j < t.j1; ++j) {
+          const T* xw = img + ((t.y0 + i) * g.w + (t.x0 + j)) * g.k;
+          const T* wtap = wt + (i * g.kw + j) * g.k * g.cs;
+          for (int64_t word = 0; word < g.k; ++word) {
+            const T v = xw[word];
+            const T* wrow = wtap + word * g.cs;
+            for (int64_t o = 0; o < g.cout; ++o)
+              acc[o] += static_cast<T>(__builtin_popcountll(static_cast<T>(v ^ wrow[o])));
+          }
+        }
+      }
+      const int32_t full = static_cast<int32_t>((t.i1 - t.i0) * (t.j1 - t.j0) * g.cin);
+      const int64_t at = (r * g.wo + ox) * g.cout;
+      Epilogue<T, kFma>(a.out + at, acc, g.cout, full, a.alpha, a.mean, a.mul, a.bias,
+                        a.res ? a.res + at : nullptr, a.clip);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CMIM_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512vpopcntdq,avx512bitalg,fma")))
+
+// One 512-bit register of T lanes.
+template <typename T> struct Zmm;
+template <> struct Zmm<uint16_t> {
+  CMIM_AVX512 static inline __m512i Set1(uint16_t v) { return _mm512_set1_epi16(static_cast<short>(v)); }
+  CMIM_AVX512 static inline __m512i AddPopcount(__m512i acc, __m512i v) {
+    return _mm512_add_epi16(acc, _mm512_popcnt_epi16(v));
+  }
+};
+template <> struct Zmm<uint32_t> {
+  CMIM_AVX512 static inline __m512i Set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+  CMIM_AVX512 static inline __m512i AddPopcount(__m512i acc, __m512i v) {
+    return _mm512_add_epi32(acc, _mm512_popcnt_epi32(v));
+  }
+};
+template <> struct Zmm<uint64_t> {
+  CMIM_AVX512 static inline __m512i Set1(uint64_t v) { return _mm512_set1_epi64(static_cast<long long>(v)); }
+  CMIM_AVX512 static inline __m512i AddPopcount(__m512i acc, __m512i v) {
+    return _mm512_add_epi64(acc, _mm512_popcnt_epi64(v));
+  }
+};
+
+// AVX-512: the sign bits of 16 floats are one compare into a mask register.
+template <typename T>
+CMIM_AVX512 void PackAvx512(const Geometry& g, const float* x, T* packed, int64_t n0, int64_t n1) {
+  const int64_t chunks = (g.cin + 15) / 16;                        // 16 channels each
+  const int64_t slots = g.k * static_cast<int64_t>(sizeof(T)) / 2;  // uint16 per position
+  const __mmask16 tail = static_cast<__mmask16>((1u << (g.cin - 16 * (chunks - 1))) - 1u);
+  const __m512 zero = _mm512_setzero_ps();
+  uint16_t* p16 = reinterpret_cast<uint16_t*>(packed);
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* xs = x + n * g.cin;
+    uint16_t* ps = p16 + n * slots;
+    for (int64_t q = 0; q + 1 < chunks; ++q)
+      ps[q] = _mm512_cmp_ps_mask(_mm512_loadu_ps(xs + 16 * q), zero, _CMP_GE_OQ);
+    const int64_t q = chunks - 1;  // The last chunk: lanes past cin are 0 bits.
+    ps[q] = _mm512_mask_cmp_ps_mask(tail, _mm512_maskz_loadu_ps(tail, xs + 16 * q), zero,
+                                    _CMP_GE_OQ);
+    for (int64_t r = chunks; r < slots; ++r) ps[r] = 0;
+  }
+}
+
+// AVX-512: each (tap, word) adds XOR + popcount of one broadcast input word
+// against a register of output channels, accumulated in a register.
+template <typename T, bool kFma>
+CMIM_AVX512 void RowsAvx512(const Geometry& g, const Args& a, const T* packed, int64_t r0,
+                            int64_t r1) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  const T* wt = static_cast<const T*>(a.wt);
+  alignas(64) T lanes[kLanes];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / g.ho, oy = r % g.ho;
+    const T* img = packed + b * g.h * g.w * g.k;
+    for (int64_t ox = 0; ox < g.wo; ++ox) {
+      const Window t = TapsInside(g, oy, ox);
+      const int32_t full = static_cast<int32_t>((t.i1 - t.i0) * (t.j1 - t.j0) * g.cin);
+      const int64_t at = (r * g.wo + ox) * g.cout;
+      float* dst = a.out + at;
+      for (int64_t o0 = 0; o0 < g.cout; o0 += kLanes) {
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t i = t.i0; i < t.i1; ++i) {
+          for (int64_t j = t.j0; j < t.j1; ++j) {
+            const T* xw = img + ((t.y0 + i) * g.w + (t.x0 + j)) * g.k;
+            const T* wtap = wt + (i * g.kw + j) * g.k * g.cs + o0;
+            for (int64_t word = 0; word < g.k; ++word) {
+              const __m512i w = _mm512_loadu_si512(wtap + word * g.cs);
+              acc = Zmm<T>::AddPopcount(acc, _mm512_xor_si512(w, Zmm<T>::Set1(xw[word])));
+            }
+          }
+        }
+        _mm512_store_si512(lanes, acc);
+        Epilogue<T, kFma>(dst + o0, lanes, std::min(kLanes, g.cout - o0), full, a.alpha + o0,
+                          a.mean ? a.mean + o0 : nullptr, a.mul ? a.mul + o0 : nullptr,
+                          a.bias ? a.bias + o0 : nullptr, a.res ? a.res + at + o0 : nullptr,
+                          a.clip);
+      }
+    }
+  }
+}
+#endif
+
+template <typename T>
+struct Kernels {
+  void (*pack)(const Geometry&, const float*, T*, int64_t, int64_t);
+  void (*rows)(const Geometry&, const Args&, const T*, int64_t, int64_t);
+};
+
+#define CMIM_VARIANT(NAME, TARGET, FMA)                                                     \
+  template <typename T>                                                                     \
+  TARGET void Pack##NAME(const Geometry& g, const float* x, T* packed, int64_t n0,          \
+                         int64_t n1) {                                                      \
+    PackGeneric<T>(g, x, packed, n0, n1);                                                   \
+  }                                                                                         \
+  template <typename T>                                                                     \
+  TARGET void Rows##NAME(const Geometry& g, const Args& a, const T* packed, int64_t r0,      \
+                         int64_t r1) {                                                      \
+    RowsGeneric<T, FMA>(g, a, packed, r0, r1);                                              \
+  }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+CMIM_VARIANT(Avx2, __attribute__((target("avx2,popcnt,fma"))), true)
+#endif
+// Baseline: an FMA only where the architecture always has one (XLA uses it there).
+#if defined(__aarch64__) || defined(__FMA__)
+CMIM_VARIANT(Base, , true)
+#else
+CMIM_VARIANT(Base, , false)
+#endif
+
+// Which variant this CPU runs: 2 AVX-512 VPOPCNTDQ+BITALG, 1 AVX2+POPCNT (both
+// with FMA), 0 baseline.
+int Isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("fma")) return 0;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vpopcntdq") &&
+      __builtin_cpu_supports("avx512bitalg"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) return 1;
+#endif
+  return 0;
+}
+
+const int kIsa = Isa();
+
+template <typename T>
+Kernels<T> Pick() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kIsa == 2) return {&PackAvx512<T>, &RowsAvx512<T, true>};
+  if (kIsa == 1) return {&PackAvx2<T>, &RowsAvx2<T>};
+#endif
+  return {&PackBase<T>, &RowsBase<T>};
+}
+
+// Runs fn(0..n-1), on the pool's threads and the calling thread. The calling
+// thread takes indices too and then waits for the ones others took, so it
+// finishes even if no pool thread ever starts; a task starting after all
+// indices are taken returns without touching fn (the state it reads is shared).
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  if (n <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, &fn]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      fn(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < n; ++t) pool.Schedule(decltype(work)(work));  // a copy each
+  work();
+  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// Popcount lane-words below which a call stays on one thread (~0.3 ms of work).
+constexpr int64_t kGrain = int64_t{1} << 22;
+
+template <typename T>
+ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, const Args& a) {
+  static const Kernels<T> kernels = Pick<T>();
+  // The calling thread's scratch, reused across calls; other threads only
+  // read and write it inside ParallelFor, which returns after they are done.
+  thread_local std::vector<T> packed_buf;
+  packed_buf.resize(static_cast<size_t>(g.b * g.h * g.w * g.k));
+  T* packed = packed_buf.data();
+  const int64_t work = g.b * g.ho * g.wo * g.kh * g.kw * g.k * g.cs;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t rows = g.b * g.ho, positions = g.b * g.h * g.w;
+  const int64_t parts = std::min({threads, std::max<int64_t>(1, work / kGrain), rows});
+  ParallelFor(pool, parts, [&](int64_t p) {
+    kernels.pack(g, a.x, packed, positions * p / parts, positions * (p + 1) / parts);
+  });
+  ParallelFor(pool, parts, [&](int64_t p) {
+    kernels.rows(g, a, packed, rows * p / parts, rows * (p + 1) / parts);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error BConvImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer wt, ffi::Buffer<ffi::F32> alpha,
+                     const float* mean, const float* mul, const float* bias, const float* res,
+                     bool clip, ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t cin, int64_t sh,
+                     int64_t sw, int64_t pt, int64_t pl, int64_t word_bits) {
+  auto xd = x.dimensions();
+  auto wd = wt.dimensions();
+  auto od = out->dimensions();
+  // 64-bit words arrive as pairs of uint32 ([..., cout, 2]): JAX without
+  // x64 would truncate a uint64 array.
+  const size_t rank = word_bits == 64 ? 5 : 4;
+  if (xd.size() != 4 || wd.size() != rank || od.size() != 4)
+    return ffi::Error::InvalidArgument("cmim_bconv: input, kernel and output ranks");
+  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[2], wd[3],
+             sh, sw, pt, pl, od[1], od[2], od[3]};
+  if (g.cin != cin || cin < 1 || od[0] != g.b || alpha.element_count() != g.cout ||
+      g.cs < g.cout || (g.cs * word_bits) % 512 != 0)
+    return ffi::Error::InvalidArgument("cmim_bconv: inconsistent shapes");
+  const int64_t bytes = static_cast<int64_t>(ffi::ByteWidth(wt.element_type())) *
+                        (rank == 5 ? wd[4] : 1);
+  if (bytes * 8 != word_bits || g.k * word_bits < cin)
+    return ffi::Error::InvalidArgument("cmim_bconv: kernel words do not match word_bits/cin");
+  const Args a{x.typed_data(), wt.untyped_data(), alpha.typed_data(), mean, mul, bias, res, clip,
+               out->typed_data()};
+  switch (word_bits) {
+    case 16: return Run<uint16_t>(pool, g, a);
+    case 32: return Run<uint32_t>(pool, g, a);
+    case 64: return Run<uint64_t>(pool, g, a);
+    default: return ffi::Error::InvalidArgument("cmim_bconv: word_bits must be 16, 32 or 64");
+  }
+}
+
+ffi::Error BConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer wt, ffi::Buffer<ffi::F32> alpha,
+                 ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t cin, int64_t sh, int64_t sw,
+                 int64_t pt, int64_t pl, int64_t word_bits) {
+  return BConvImpl(pool, x, wt, alpha, nullptr, nullptr, nullptr, nullptr, false, out, cin, sh, sw, pt, pl, word_bits);
+}
+
+ffi::Error BConvBn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer wt, ffi::Buffer<ffi::F32> alpha,
+                   ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> mul,
+                   ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                   int64_t cin, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                   int64_t word_bits) {
+  const int64_t cout = alpha.element_count();
+  if (mean.element_count() != cout || mul.element_count() != cout || bias.element_count() != cout)
+    return ffi::Error::InvalidArgument("cmim_bconv_bn: BatchNorm vectors must have cout entries");
+  return BConvImpl(pool, x, wt, alpha, mean.typed_data(), mul.typed_data(), bias.typed_data(),
+                   nullptr, false, out, cin, sh, sw, pt, pl, word_bits);
+}
+
+ffi::Error BConvBnAdd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer wt,
+                      ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> mean,
+                      ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias,
+                      ffi::Buffer<ffi::F32> res, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                      int64_t cin, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                      int64_t word_bits, int64_t clip) {
+  const int64_t cout = alpha.element_count();
+  if (mean.element_count() != cout || mul.element_count() != cout || bias.element_count() != cout)
+    return ffi::Error::InvalidArgument("cmim_bconv_bn_add: BatchNorm vectors must have cout entries");
+  if (res.element_count() != out->element_count())
+    return ffi::Error::InvalidArgument("cmim_bconv_bn_add: the residual must have the output's shape");
+  return BConvImpl(pool, x, wt, alpha, mean.typed_data(), mul.typed_data(), bias.typed_data(),
+                   res.typed_data(), clip != 0, out, cin, sh, sw, pt, pl, word_bits);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CmimBConv, BConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("cin")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("word_bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CmimBConvBn, BConvBn,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("cin")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("word_bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CmimBConvBnAdd, BConvBnAdd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("cin")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("word_bits")
+                                  .Attr<int64_t>("clip"));
+
+// For the loader's log line and the tests: which variant runs here.
+extern "C" int cmim_bconv_isa() { return kIsa; }
