@@ -15,6 +15,11 @@ def test_tests_do_not_write_into_the_users_cache():
   # conftest.py turns the cache off for every test and subprocess.
   assert os.environ[xla_tuning.CACHE_ENV] == "0"
   assert xla_tuning.compilation_cache_dir() is None
+  # The session's shared cache (conftest.py), when on, is a temporary directory.
+  session = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if session is not None:
+    import tempfile  # pylint: disable=g-import-not-at-top
+    assert os.path.commonpath([session, tempfile.gettempdir()]) == tempfile.gettempdir()
 
 
 @pytest.mark.parametrize("environ, want", [
@@ -43,7 +48,9 @@ print(json.dumps({"path": path, "y": [float(v) for v in y]}))
 def _run(cache):
   env = dict(os.environ, CMIM_JAX_COMPILATION_CACHE=cache, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  # Without the test session's shared cache (conftest.py): what a user's run sees.
+  for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE"):
+    env.pop(name, None)
   out = subprocess.run([sys.executable, "-c", _PROGRAM], env=env, capture_output=True,
                        text=True, check=True, timeout=120)
   return json.loads(out.stdout.strip().splitlines()[-1])
