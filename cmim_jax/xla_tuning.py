@@ -58,8 +58,8 @@ def compilation_cache_dir(environ=None):
     return None
   if value:
     return os.path.abspath(os.path.expanduser(value))
-  base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "cmim_jax", "jax_cache")
+  from cmim_jax import native  # pylint: disable=g-import-not-at-top
+  return native.user_cache_dir("jax_cache", environ=environ)
 
 
 def enable_compilation_cache():

@@ -22,9 +22,10 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 
 import numpy as np
+
+from cmim_jax import native
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                        'jpeg_crop.c')
@@ -38,29 +39,17 @@ class Fallback(Exception):
 
 
 def _cache_dir() -> str:
-  base = os.environ.get('CMIM_CACHE_DIR') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'),
-      'cmim_jax')
-  return base
+  return os.environ.get('CMIM_CACHE_DIR') or native.user_cache_dir()
 
 
 def _build(path: str):
-  """Compiles the shim to ``path`` (atomic: a temporary file, renamed)."""
+  """Compiles the shim to ``path`` (once, atomically: :func:`native.build_once`)."""
   cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
   if not cc:
     raise OSError('no C compiler (cc/gcc) on PATH')
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
-  os.close(fd)
-  try:
-    cmd = [cc, '-O2', '-shared', '-fPIC', '-o', tmp, _SOURCE, '-ljpeg']
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          check=False)
-    if proc.returncode:
-      raise OSError(f'{" ".join(cmd)} failed: {proc.stderr.strip()[-500:]}')
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  native.build_once(
+      path, lambda out: [cc, '-O2', '-shared', '-fPIC', '-o', out, _SOURCE, '-ljpeg'],
+      timeout=120, error=OSError)
 
 
 def _load():
@@ -69,14 +58,9 @@ def _load():
     raise OSError('disabled by CMIM_JPEG_CROP=0')
   with open(_SOURCE, 'rb') as fh:
     digest = hashlib.sha256(fh.read()).hexdigest()[:16]
-  folder = _cache_dir()
-  os.makedirs(folder, exist_ok=True)
-  path = os.path.join(folder, f'jpeg_crop-{digest}.so')
+  path = os.path.join(_cache_dir(), f'jpeg_crop-{digest}.so')
   if not os.path.exists(path):
-    import filelock  # pylint: disable=g-import-not-at-top
-    with filelock.FileLock(path + '.lock', timeout=300):
-      if not os.path.exists(path):  # Another process may have built it.
-        _build(path)
+    _build(path)
   lib = ctypes.CDLL(path)
   fn = lib.cmim_jpeg_crop
   fn.restype = ctypes.c_int

@@ -41,14 +41,14 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import tempfile
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cmim_jax import native
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bconv_ffi.cc")
 ENV_SWITCH = "CMIM_JAX_FFI"
@@ -66,8 +66,7 @@ def disabled_by_env() -> bool:
 def cache_dir() -> str:
   if os.environ.get("CMIM_JAX_FFI_CACHE"):
     return os.environ["CMIM_JAX_FFI_CACHE"]
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "cmim_jax", "ffi")
+  return native.user_cache_dir("ffi")
 
 
 def _compile_command(cxx: str, out: str) -> list[str]:
@@ -97,22 +96,7 @@ def build(cxx: str | None = None) -> str:
     return path
   if shutil.which(cxx) is None:
     raise RuntimeError(f"no C++ compiler {cxx!r} on PATH (set $CXX)")
-  import filelock
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with filelock.FileLock(path + ".lock", timeout=600):
-    if os.path.exists(path):  # Another process built it while we waited.
-      return path
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-      r = subprocess.run(_compile_command(cxx, tmp), capture_output=True, text=True, timeout=600)
-      if r.returncode != 0:
-        raise RuntimeError(f"{cxx} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
-      os.replace(tmp, path)  # Atomic: readers see no file or a whole one.
-    finally:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-  return path
+  return native.build_once(path, lambda out: _compile_command(cxx, out))
 
 
 @functools.lru_cache(maxsize=None)
