@@ -243,7 +243,7 @@ def _train(config, par: Parallel, task: ProbeTask, step_fn, batches, state_dev, 
                    "ETA %s", done, total, summary["epoch"], summary["loss"],
                    summary["accuracy"], summary["learning_rate"],
                    rate * config.linear_probe.batch_size,
-                   loop._format_eta((total - done) / rate))  # pylint: disable=protected-access
+                   loop.format_eta((total - done) / rate))
     preempted = preempt.reached(done)
     if done % steps_per_epoch == 0 or done == total or preempted:
       ckpt.save(done, par.from_step_layout(state_dev))

@@ -79,7 +79,8 @@ class _Setup:
             "accuracy": float(totals["correct"]) / count, "num_examples": int(count)}
 
 
-def _format_eta(seconds: float) -> str:
+def format_eta(seconds: float) -> str:
+  """``seconds`` as ``H:MM:SS`` (negative counts as 0), for progress lines."""
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -182,7 +183,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       logging.info("step %d/%d (%.1f%%) loss %.4f acc %.4f lr %.4g | %.0f img/s | ETA %s",
                    done, total, 100 * done / total, summary["loss"], summary.get("accuracy", math.nan),
                    summary["learning_rate"], summary["images_per_second"],
-                   _format_eta((total - done) / rate))
+                   format_eta((total - done) / rate))
       t_interval, n_interval = time.time(), 0
     preempted = preempt.reached(done)  # Every process, every step: the same answer.
     if done % config.checkpoint_every_steps == 0 or is_last or preempted:
@@ -212,7 +213,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     logging.info("Nothing to train: the checkpoint is at step %d of %d.", start, total)
   elif last_eval:
     logging.info("Done: %d steps in %s; held-out accuracy %.4f on %s (%d examples).",
-                 total - start, _format_eta(time.time() - t_start), last_eval["accuracy"],
+                 total - start, format_eta(time.time() - t_start), last_eval["accuracy"],
                  config.data.eval_split, last_eval["num_examples"])
   return last_eval
 

@@ -53,9 +53,9 @@ def load_run(workdir: str, key: str = "teacher"):
     ValueError: ``workdir`` is empty.
     FileNotFoundError: no directory, no config.json or no checkpoint there.
   """
-  from cmim_jax import train  # The run-config reader lives with the loop.
+  from cmim_jax import run_config  # pylint: disable=g-import-not-at-top
   path = _check_workdir(workdir, key)
-  return train.load_run_config(path), path
+  return run_config.load_run_config(path), path
 
 
 def build_model(run_config, *, num_classes: int, data_name: str, key: str = "teacher"):
