@@ -96,6 +96,18 @@ def scale_and_box(width, height, window, size, reduced=True):
                            (top + h) * sy)
 
 
+def read_window(box, scaled_size, size):
+  """``(x, y, w, h)``: the pixels the bilinear filter reads to resize
+  ``box`` to ``size``, plus ``_MARGIN``, inside the scaled image."""
+  lo, hi = [], []
+  for axis in (0, 1):
+    a, b = box[axis], box[axis + 2]
+    support = _BILINEAR_SUPPORT * max((b - a) / size, 1.0)
+    lo.append(max(0, math.floor(a - support) - _MARGIN))
+    hi.append(min(scaled_size[axis], math.ceil(b + support) + _MARGIN))
+  return lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]
+
+
 def partial_decode(data, mode, denom, scaled_size, box, size):
   """Decodes only the rows and columns the filter reads for ``box`` (plus
   ``_MARGIN``), in place on a canvas of the whole scaled image: a Pillow
@@ -104,33 +116,34 @@ def partial_decode(data, mode, denom, scaled_size, box, size):
   Raises:
     jpeg_crop.Fallback: the shim declined the file.
   """
-  lo, hi = [], []
-  for axis in (0, 1):
-    a, b = box[axis], box[axis + 2]
-    support = _BILINEAR_SUPPORT * max((b - a) / size, 1.0)
-    lo.append(max(0, math.floor(a - support) - _MARGIN))
-    hi.append(min(scaled_size[axis], math.ceil(b + support) + _MARGIN))
   channels = 4 if mode == 'RGB' else 1
   canvas, _, _ = _jpeg_crop.decode_window(
       data, denom=denom, scaled_size=scaled_size, channels=channels,
-      window=(lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]))
+      window=read_window(box, scaled_size, size))
   # The same geometry as the full decode (Pillow's resampler rounds
   # differently on a smaller image), mapped without a copy.
   raw = 'RGBX' if channels == 4 else 'L'
   return Image.frombuffer(raw, scaled_size, canvas, 'raw', raw, 0, 1)
 
 
-def _resize_flip(src, box, size, flip):
-  out = src.resize((size, size), Image.BILINEAR, box=box)
-  if out.mode not in ('RGB', 'RGBX'):
-    out = out.convert('RGB')
-  out = np.asarray(out)[..., :3]
-  return out[:, ::-1] if flip else out
+def _resize_flip(src, box, size, flip, out):
+  image = src.resize((size, size), Image.BILINEAR, box=box)
+  if image.mode not in ('RGB', 'RGBX'):
+    image = image.convert('RGB')
+  image = np.asarray(image)[..., :3]
+  return _into(image[:, ::-1] if flip else image, out)
+
+
+def _into(image, out):
+  if out is None:
+    return image
+  out[...] = image
+  return out
 
 
 def decode_crop(data, where: str, *, size: int, rng=None,
                 crop_fraction: float = 0.875, reduced: bool = True,
-                partial=None):
+                partial=None, out=None):
   """Encoded image (or uint8 array) -> uint8[size, size, 3].
 
   Args:
@@ -143,10 +156,12 @@ def decode_crop(data, where: str, *, size: int, rng=None,
     reduced: decode JPEGs at a reduced scale when the crop allows it.
     partial: decode only the window of a JPEG (``data/jpeg_crop.py``); None:
       where the shim is available, False: never (Pillow decodes it all).
+    out: a uint8[size, size, 3] array (a row of the caller's batch) to write
+      the crop into.
 
   Returns:
-    The crop; it may be a flipped view, which the caller copies into its
-    batch anyway.
+    ``out`` holding the crop; without ``out``, the crop (it may be a flipped
+    view, which the caller copies into its batch anyway).
 
   Raises:
     CorruptImageError: the image cannot be decoded (names ``where``).
@@ -155,8 +170,10 @@ def decode_crop(data, where: str, *, size: int, rng=None,
     if isinstance(data, np.ndarray):
       image = data if data.shape[-1] == 3 else np.repeat(data[..., :1], 3, -1)
       if rng is not None:
-        return _augment.random_resized_crop_flip_np(image, rng, size)
-      return _augment.center_crop_resize_np(image, size, crop_fraction)
+        return _into(_augment.random_resized_crop_flip_np(image, rng, size),
+                     out)
+      return _into(_augment.center_crop_resize_np(image, size, crop_fraction),
+                   out)
     with Image.open(io.BytesIO(data)) as im:
       width, height = im.size  # From the header: nothing decoded yet.
       top, left, h, w, flip = crop_window(rng, height, width, crop_fraction)
@@ -166,9 +183,16 @@ def decode_crop(data, where: str, *, size: int, rng=None,
       if (partial is not False and is_jpeg and
           im.mode in _RESIZE_THEN_CONVERT and _jpeg_crop.available()):
         try:
+          if _jpeg_crop.resize_matches_pillow():
+            # Decode and resize in one C call, into `out`.
+            return _jpeg_crop.decode_resize(
+                bytes(data), denom=denom, scaled_size=scaled,
+                channels=4 if im.mode == 'RGB' else 1,
+                window=read_window(box, scaled, size), box=box, size=size,
+                flip=flip, out=out)
           src = partial_decode(bytes(data), im.mode, denom, scaled, box,
                                size)
-          return _resize_flip(src, box, size, flip)
+          return _resize_flip(src, box, size, flip, out)
         except _jpeg_crop.Fallback:
           pass  # Pillow decodes it below and decides (corrupt, CMYK...).
       if denom > 1:
@@ -181,7 +205,7 @@ def decode_crop(data, where: str, *, size: int, rng=None,
       # convert() copies even an RGB image; resize in the file's own mode
       # where that gives the same pixels, and convert only the small output.
       src = im if im.mode in _RESIZE_THEN_CONVERT else im.convert('RGB')
-      return _resize_flip(src, box, size, flip)
+      return _resize_flip(src, box, size, flip, out)
   except CorruptImageError:
     raise
   except DECODE_ERRORS as e:

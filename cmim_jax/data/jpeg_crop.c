@@ -21,9 +21,12 @@
  */
 #include <setjmp.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <jpeglib.h>
+
+#include "resample.h"
 
 struct guard {
   struct jpeg_error_mgr pub;
@@ -54,20 +57,20 @@ static void on_message(j_common_ptr cinfo, int level) {
   }
 }
 
-/* data/size: the file. denom: 1, 2, 4 or 8. want_w/want_h: the scaled size
- * the caller computed (checked). channels: 4 (RGBX from a 3-component
- * file) or 1 (grayscale). x, y, w, h: the window in scaled pixels.
- * canvas: want_h rows of `stride` bytes; row y + i of the image goes to
- * canvas row y + i, its columns at their own place. info[0], info[1]: the
- * decoded columns' first index and count (x and w widened to iMCU
- * boundaries). */
-int cmim_jpeg_crop(const unsigned char *data, unsigned long size, int denom,
-                   int want_w, int want_h, int channels, int x, int y, int w,
-                   int h, unsigned char *canvas, long stride, int *info,
-                   char *err, int err_len) {
+/* Decodes the window into `canvas` (rows of `stride` bytes; row y + i of
+ * the image at canvas row y + i, its columns at their own place) or, with
+ * canvas NULL, into a buffer of the decoded columns only, h rows of
+ * info[1] * channels bytes, allocated here and returned in *region (the
+ * caller frees it). See cmim_jpeg_crop for the rest. */
+static int decode_rows(const unsigned char *data, unsigned long size,
+                       int denom, int want_w, int want_h, int channels, int x,
+                       int y, int w, int h, unsigned char *canvas, long stride,
+                       int *info, unsigned char **region, char *err,
+                       int err_len) {
   struct jpeg_decompress_struct cinfo;
   struct guard g;
   volatile int status = 0;
+  unsigned char *volatile buf = NULL;
   memset(&g, 0, sizeof(g));
   g.err = err;
   g.err_len = err_len;
@@ -77,6 +80,7 @@ int cmim_jpeg_crop(const unsigned char *data, unsigned long size, int denom,
   g.pub.emit_message = on_message;
   if (setjmp(g.jump)) {
     jpeg_destroy_decompress(&cinfo);
+    free(buf);
     return 1;
   }
   jpeg_create_decompress(&cinfo);
@@ -99,23 +103,32 @@ int cmim_jpeg_crop(const unsigned char *data, unsigned long size, int denom,
         (int)cinfo.output_height != want_h ||
         cinfo.output_components != channels || x < 0 || y < 0 || w <= 0 ||
         h <= 0 || x + w > want_w || y + h > want_h ||
-        stride < (long)want_w * channels) {
+        (canvas && stride < (long)want_w * channels)) {
       status = 3;
     }
   }
   if (status == 0) {
     JDIMENSION xoff = (JDIMENSION)x, cw = (JDIMENSION)w;
     JSAMPROW row;
+    long rs = stride;
     int i;
     if (cw < cinfo.output_width) jpeg_crop_scanline(&cinfo, &xoff, &cw);
-    if (y > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)y);
-    for (i = 0; i < h; i++) {
-      row = canvas + (size_t)(y + i) * (size_t)stride +
-            (size_t)xoff * (size_t)channels;
+    if (!canvas) {
+      rs = (long)cw * channels; /* The widened window's columns. */
+      buf = malloc((size_t)h * (size_t)rs);
+      if (!buf) {
+        snprintf(err, (size_t)err_len, "out of memory");
+        status = 1;
+      }
+    }
+    if (status == 0 && y > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)y);
+    for (i = 0; status == 0 && i < h; i++) {
+      row = canvas ? canvas + (size_t)(y + i) * (size_t)rs +
+                         (size_t)xoff * (size_t)channels
+                   : buf + (size_t)i * (size_t)rs;
       if (jpeg_read_scanlines(&cinfo, &row, 1) != 1) {
         snprintf(err, (size_t)err_len, "no scanline %d", y + i);
         status = 1;
-        break;
       }
     }
     info[0] = (int)xoff;
@@ -124,5 +137,51 @@ int cmim_jpeg_crop(const unsigned char *data, unsigned long size, int denom,
   if (status == 0 && g.warned) status = 2;
   /* The rows below the window are never read: abort, not finish. */
   jpeg_destroy_decompress(&cinfo);
+  if (status == 0 && region) {
+    *region = buf;
+  } else {
+    free(buf);
+  }
+  return status;
+}
+
+/* data/size: the file. denom: 1, 2, 4 or 8. want_w/want_h: the scaled size
+ * the caller computed (checked). channels: 4 (RGBX from a 3-component
+ * file) or 1 (grayscale). x, y, w, h: the window in scaled pixels.
+ * canvas: want_h rows of `stride` bytes; row y + i of the image goes to
+ * canvas row y + i, its columns at their own place. info[0], info[1]: the
+ * decoded columns' first index and count (x and w widened to iMCU
+ * boundaries). */
+int cmim_jpeg_crop(const unsigned char *data, unsigned long size, int denom,
+                   int want_w, int want_h, int channels, int x, int y, int w,
+                   int h, unsigned char *canvas, long stride, int *info,
+                   char *err, int err_len) {
+  if (!canvas) return 3;
+  return decode_rows(data, size, denom, want_w, want_h, channels, x, y, w, h,
+                     canvas, stride, info, NULL, err, err_len);
+}
+
+/* cmim_jpeg_crop's window, then resample.c's resize of `box` (of the scaled
+ * image) to out_w x out_h RGB pixels, mirrored if `flip`, into `out` (rows
+ * `out_stride` bytes apart): PIL's resize(BILINEAR, box) of the full decode
+ * at that scale, bit for bit. Only the window is held in memory, never the
+ * whole canvas. Returns 0, cmim_jpeg_crop's codes, or resample.h's
+ * CMIM_RESAMPLE_* (e.g. the box reads outside the window). */
+int cmim_jpeg_crop_resize(const unsigned char *data, unsigned long size,
+                          int denom, int want_w, int want_h, int channels,
+                          int x, int y, int w, int h, const float *box,
+                          int out_w, int out_h, int flip, unsigned char *out,
+                          long out_stride, int simd, char *err, int err_len) {
+  unsigned char *region = NULL;
+  int info[2] = {0, 0};
+  int status = decode_rows(data, size, denom, want_w, want_h, channels, x, y,
+                           w, h, NULL, 0, info, &region, err, err_len);
+  if (status) return status;
+  /* The region's columns: libjpeg's widened window (see decode_rows). */
+  status = cmim_resample(region, (long)info[1] * channels, channels, want_w,
+                         want_h, info[0], y, info[1], h, box, out_w, out_h,
+                         flip, out, out_stride, simd);
+  if (status) snprintf(err, (size_t)err_len, "resample status %d", status);
+  free(region);
   return status;
 }

@@ -1,7 +1,11 @@
 """Partial JPEG decoding (only the crop window's rows and columns) through a
-small C shim over the system's libjpeg-turbo, built on first use.
+small C shim over the system's libjpeg-turbo, built on first use, and the
+crop's resize to the output in the same call.
 
-``jpeg_crop.c`` is compiled with the system C compiler against the system
+``jpeg_crop.c`` (the decoding) and ``resample.c`` (a resize with the
+arithmetic of Pillow's antialiased bilinear filter, bit-equal to
+``Image.resize(size, BILINEAR, box=...)``, with SSE4.1/AVX2 kernels chosen
+at run time) are compiled with the system C compiler against the system
 libjpeg-turbo (Debian/Ubuntu: ``libjpeg-dev``, which ``libjpeg62-turbo-dev``
 provides) into a per-user cache folder keyed by the source's hash, under a
 file lock and by atomic rename, so that concurrent workers build it once.
@@ -27,8 +31,10 @@ import numpy as np
 
 from cmim_jax import native
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                       'jpeg_crop.c')
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCE = os.path.join(_HERE, 'jpeg_crop.c')
+_SOURCES = (_SOURCE, os.path.join(_HERE, 'resample.c'),
+            os.path.join(_HERE, 'resample.h'))
 _ERR_LEN = 200
 _state: dict = {}
 
@@ -47,8 +53,11 @@ def _build(path: str):
   cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
   if not cc:
     raise OSError('no C compiler (cc/gcc) on PATH')
+  # -ffp-contract=off: no fused multiply-adds in the filter weights' double
+  # arithmetic (Pillow's are computed without), so they round alike.
   native.build_once(
-      path, lambda out: [cc, '-O2', '-shared', '-fPIC', '-o', out, _SOURCE, '-ljpeg'],
+      path, lambda out: [cc, '-O2', '-ffp-contract=off', '-shared', '-fPIC',
+                         '-o', out, *_SOURCES[:2], '-ljpeg'],
       timeout=120, error=OSError)
 
 
@@ -56,17 +65,30 @@ def _load():
   """The shim's function, building it if needed; raises OSError if not."""
   if os.environ.get('CMIM_JPEG_CROP', '1') == '0':
     raise OSError('disabled by CMIM_JPEG_CROP=0')
-  with open(_SOURCE, 'rb') as fh:
-    digest = hashlib.sha256(fh.read()).hexdigest()[:16]
-  path = os.path.join(_cache_dir(), f'jpeg_crop-{digest}.so')
+  sha = hashlib.sha256()
+  for source in _SOURCES:
+    with open(source, 'rb') as fh:
+      sha.update(fh.read())
+  path = os.path.join(_cache_dir(), f'jpeg_crop-{sha.hexdigest()[:16]}.so')
   if not os.path.exists(path):
     _build(path)
   lib = ctypes.CDLL(path)
+  c_int, c_ptr, c_long = ctypes.c_int, ctypes.c_void_p, ctypes.c_long
   fn = lib.cmim_jpeg_crop
-  fn.restype = ctypes.c_int
-  fn.argtypes = ([ctypes.c_char_p, ctypes.c_ulong] + [ctypes.c_int] * 8 +
-                 [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
-                  ctypes.c_char_p, ctypes.c_int])
+  fn.restype = c_int
+  fn.argtypes = ([ctypes.c_char_p, ctypes.c_ulong] + [c_int] * 8 +
+                 [c_ptr, c_long, c_ptr, ctypes.c_char_p, c_int])
+  lib.cmim_jpeg_crop_resize.restype = c_int
+  lib.cmim_jpeg_crop_resize.argtypes = (
+      [ctypes.c_char_p, ctypes.c_ulong] + [c_int] * 8 +
+      [c_ptr, c_int, c_int, c_int, c_ptr, c_long, c_int, ctypes.c_char_p,
+       c_int])
+  lib.cmim_resample.restype = c_int
+  lib.cmim_resample.argtypes = ([c_ptr, c_long] + [c_int] * 7 +
+                                [c_ptr, c_int, c_int, c_int, c_ptr, c_long,
+                                 c_int])
+  lib.cmim_resample_simd_level.restype = c_int
+  _state['lib'] = lib
   return fn
 
 
@@ -132,3 +154,136 @@ def decode_window(data: bytes, *, denom: int, scaled_size, channels: int,
   if status:
     raise Fallback(err.value.decode(errors='replace') or f'status {status}')
   return canvas, int(info[0]), int(info[1])
+
+
+def _lib():
+  if _function() is None:
+    raise Fallback(_state['reason'])
+  return _state['lib']
+
+
+def _simd_default() -> int:
+  # CMIM_RESAMPLE_SIMD=0/1/2 caps the kernels (scalar/SSE4.1/AVX2), e.g. to
+  # compare them; unset: the best the CPU runs.
+  return int(os.environ.get('CMIM_RESAMPLE_SIMD', '-1'))
+
+
+def simd_level() -> int:
+  """The resize kernels this CPU runs: 0 scalar, 1 SSE4.1, 2 AVX2."""
+  return int(_lib().cmim_resample_simd_level())
+
+
+def _output(out, size):
+  if out is None:
+    return np.empty((size, size, 3), np.uint8)
+  if (out.shape != (size, size, 3) or out.dtype != np.uint8 or
+      out.strides[1:] != (3, 1)):
+    raise ValueError(f'out must be uint8[{size}, {size}, 3] with contiguous '
+                     f'rows, got {out.dtype}{list(out.shape)} strides '
+                     f'{out.strides}; pass a row of the batch array.')
+  return out
+
+
+def resize(src, box, size: int, *, flip=False, origin=(0, 0),
+           image_size=None, simd=None, out=None):
+  """``PIL.Image.resize((size, size), BILINEAR, box=box)`` of an image, bit
+  for bit, as RGB (grayscale replicated), mirrored left-right if ``flip``.
+
+  Args:
+    src: uint8[h, w, 4] (RGBX) or uint8[h, w] (grayscale) rows ``origin[1]
+      ..`` and columns ``origin[0] ..`` of the image, rows contiguous.
+    box: ``(x0, y0, x1, y1)`` on the whole image.
+    size: output side.
+    flip: mirror the output.
+    origin: ``(x, y)`` of ``src[0, 0]`` in the image.
+    image_size: ``(width, height)`` of the whole image (the filter's
+      geometry); default: ``src``'s.
+    simd: -1 the best kernels, 0 scalar, 1 SSE4.1 at most, 2 AVX2 at most.
+    out: uint8[size, size, 3] to write into (e.g. a row of a batch).
+
+  Returns:
+    ``out``, or a new uint8[size, size, 3].
+
+  Raises:
+    Fallback: the shim is unavailable, or the filter reads outside ``src``.
+  """
+  lib = _lib()
+  src = np.asarray(src)
+  channels = 1 if src.ndim == 2 else src.shape[2]
+  if src.dtype != np.uint8 or channels not in (1, 4) or (
+      src.strides[1:] != ((channels, 1) if channels > 1 else (1,))):
+    raise ValueError(f'src must be uint8[h, w, 4] or uint8[h, w] with '
+                     f'contiguous rows, got {src.dtype}{list(src.shape)}.')
+  width, height = image_size or (src.shape[1], src.shape[0])
+  out = _output(out, size)
+  b = np.asarray(box, np.float32)  # Pillow's box is C floats too.
+  status = lib.cmim_resample(
+      src.ctypes.data, src.strides[0], channels, width, height, origin[0],
+      origin[1], src.shape[1], src.shape[0], b.ctypes.data, size, size,
+      int(flip), out.ctypes.data, out.strides[0],
+      _simd_default() if simd is None else simd)
+  if status:
+    raise Fallback(f'resample status {status}')
+  return out
+
+
+def decode_resize(data: bytes, *, denom: int, scaled_size, channels: int,
+                  window, box, size: int, flip: bool, out=None, simd=None):
+  """:func:`decode_window`'s window, resized as :func:`resize` does, in one
+  call: Pillow's ``resize((size, size), BILINEAR, box=box)`` of the full
+  decode at scale ``1/denom``, bit for bit, holding only the window.
+
+  Returns:
+    ``out``, or a new uint8[size, size, 3].
+
+  Raises:
+    Fallback: the shim declined the file (see ``Fallback``), or the filter
+      reads outside ``window``.
+  """
+  lib = _lib()
+  if not data.endswith(b'\xff\xd9'):
+    raise Fallback('no end-of-image marker (truncated file?)')
+  x, y, w, h = window
+  width, height = scaled_size
+  out = _output(out, size)
+  b = np.asarray(box, np.float32)
+  err = ctypes.create_string_buffer(_ERR_LEN)
+  status = lib.cmim_jpeg_crop_resize(
+      data, len(data), denom, width, height, channels, x, y, w, h,
+      b.ctypes.data, size, size, int(flip), out.ctypes.data, out.strides[0],
+      _simd_default() if simd is None else simd, err, _ERR_LEN)
+  if status:
+    raise Fallback(err.value.decode(errors='replace') or f'status {status}')
+  return out
+
+
+def resize_matches_pillow() -> bool:
+  """Whether :func:`resize` gives the installed Pillow's pixels on a few
+  test boxes (both pass orders, up- and downscaling); checked once a
+  process. False (another Pillow's arithmetic): ``decode.py`` resizes with
+  Pillow, as without the shim."""
+  if 'pillow_ok' not in _state:
+    _state['pillow_ok'] = available() and _check_against_pillow()
+  return _state['pillow_ok']
+
+
+def _check_against_pillow() -> bool:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  # A tall image (Pillow resizes vertically first) and a wide one
+  # (horizontally first); down- and upscaling, fractional boxes.
+  for height, width in ((61, 29), (29, 61)):
+    image = rng.integers(0, 256, (height, width, 4), np.uint8)
+    for box, size in (((3.3, 2.7, 25.9, 27.1), 17), ((1.5, 0.2, 20.6, 28.8), 9),
+                      ((10.2, 4.4, 14.9, 8.1), 23), ((0, 0, 29, 29), 29)):
+      for src, mode in ((image, 'RGBX'), (image[..., 0].copy(), 'L')):
+        pil = Image.frombuffer(mode, (width, height), src, 'raw', mode, 0, 1)
+        want = np.asarray(pil.resize((size, size), Image.BILINEAR,
+                                     box=box).convert('RGB'))
+        try:
+          got = resize(src, box, size)
+        except Fallback:
+          return False
+        if not np.array_equal(got, want):
+          return False
+  return True

@@ -62,9 +62,10 @@ class Builder:
   on_corrupt: str
   seed: int
 
-  def example(self, row: int, epoch: int):
+  def example(self, row: int, epoch: int, out=None):
     """``(image, label, row read, skipped)`` of row ``row``; under 'skip',
-    corrupt rows give way to the next ones (the row read says which)."""
+    corrupt rows give way to the next ones (the row read says which). The
+    image is written into ``out`` (uint8[size, size, 3]) if given."""
     n = len(self.records)
     rng = (np.random.default_rng([self.seed, 2, epoch, row])
            if self.random else None)
@@ -75,7 +76,7 @@ class Builder:
       try:
         data, label, where = self.records.fetch(read)
         image = decode_crop(data, where, size=self.size, rng=rng,
-                            crop_fraction=self.crop_fraction)
+                            crop_fraction=self.crop_fraction, out=out)
         return image, label, read, skipped
       except CorruptImageError:
         if self.on_corrupt != 'skip':
@@ -95,8 +96,10 @@ class Builder:
            'skipped': np.zeros(b, np.int32)}
     for j, row in enumerate(rows):
       if valid is None or valid[j]:
-        (out['image'][j], out['label'][j], out['index'][j],
-         out['skipped'][j]) = self.example(int(row), epoch)
+        # The crop is written straight into its row of the batch.
+        (_, out['label'][j], out['index'][j],
+         out['skipped'][j]) = self.example(int(row), epoch,
+                                           out=out['image'][j])
     return out
 
 
