@@ -137,13 +137,16 @@ def test_reduced_decoding_happens_only_when_the_crop_allows(tmp_path,
   # The partial decode (where its shim builds) asks for the same scales.
   from cmim_jax.data import jpeg_crop  # pylint: disable=g-import-not-at-top
   scales = []
-  window = jpeg_crop.decode_window
 
-  def spy_window(data, *, denom, scaled_size, **kw):
-    scales.append((denom, scaled_size))
-    return window(data, denom=denom, scaled_size=scaled_size, **kw)
+  def spy(fn):
+    def spied(data, *, denom, scaled_size, **kw):
+      scales.append((denom, scaled_size))
+      return fn(data, denom=denom, scaled_size=scaled_size, **kw)
+    return spied
 
-  monkeypatch.setattr(jpeg_crop, 'decode_window', spy_window)
+  # Decoding alone (Pillow resizes) or decoding and resizing in one call.
+  for name in ('decode_window', 'decode_resize'):
+    monkeypatch.setattr(jpeg_crop, name, spy(getattr(jpeg_crop, name)))
   for size in (32, 224):
     streaming.decode_crop(data, 'big.jpg', size=size)
   if jpeg_crop.available():
