@@ -45,8 +45,13 @@ load on a shared machine moves them less). Each rate is also given without the l
 * ``stream_pil``: the same with reduced-size JPEG decoding (Pillow's
   ``draft``), the library's path where the partial-decode shim
   (``data/jpeg_crop.py``) is unavailable.
-* ``stream``: the library's path: reduced-size decoding of only the rows
-  and columns the crop needs (the shim), same output as ``stream_pil``.
+* ``stream_pillow_resize``: reduced-size decoding of only the rows and
+  columns the crop needs (the shim), resized by Pillow: the library's path
+  before the shim resized too, and where its self-check against the
+  installed Pillow fails.
+* ``stream``: the library's path: the shim decodes the window and resizes
+  it (Pillow's arithmetic, SIMD) in one call; same output as
+  ``stream_pil`` and ``stream_pillow_resize``.
 * ``window_decode_only``: ``stream``'s decode alone, without the resize:
   what the partial decode costs; the rest of ``stream`` is the resize.
 
@@ -316,6 +321,9 @@ def _per_image(method: str, paths: list, size: int, core: int, queue):
     return lambda data, rng: decode.decode_crop(
         data, 'bench', size=size, rng=rng, reduced=reduced, partial=partial)
 
+  if method == 'stream_pillow_resize':
+    os.environ['CMIM_JPEG_RESIZE'] = '0'  # This process only.
+
   def window_decode_only(data, rng):
     # stream's decode without its resize (the same window and scale).
     import io  # pylint: disable=g-import-not-at-top
@@ -329,6 +337,7 @@ def _per_image(method: str, paths: list, size: int, core: int, queue):
   fn = {'pil_baseline': baseline, 'decode_only': decode_only,
         'stream_full_decode': ours(False, False),
         'stream_pil': ours(True, False), 'stream': ours(True, None),
+        'stream_pillow_resize': ours(True, None),
         'window_decode_only': window_decode_only}[method]
   blobs, large = [], []
   for p in paths:  # Bytes in memory: the rate is decode + crop, not disk.
@@ -380,7 +389,7 @@ def _pipeline(root: str, size: int, workers: int, batch: int, steps: int):
 
 
 METHODS = ('pil_baseline', 'decode_only', 'stream_full_decode', 'stream_pil',
-           'stream', 'window_decode_only')
+           'stream_pillow_resize', 'stream', 'window_decode_only')
 
 
 def imagenet_main(args) -> int:
@@ -443,6 +452,8 @@ def imagenet_main(args) -> int:
     base = runs['pil_baseline']
     for method, key in (('stream', 'speedup_vs_pil'),
                         ('stream_pil', 'stream_pil_vs_pil'),
+                        ('stream_pillow_resize',
+                         'stream_pillow_resize_vs_pil'),
                         ('decode_only', 'decode_only_vs_pil')):
       if method not in runs:
         continue
@@ -450,6 +461,11 @@ def imagenet_main(args) -> int:
           r[0] / b[0] for r, b in zip(runs[method], base)), 2)
       result[key + '_not_large'] = round(statistics.median(
           r[1] / b[1] for r, b in zip(runs[method], base)), 2)
+    if 'stream' in runs and 'stream_pillow_resize' in runs:
+      # What the shim's own resize adds, paired by round.
+      result['stream_vs_stream_pillow_resize'] = round(statistics.median(
+          r[0] / b[0] for r, b in zip(runs['stream'],
+                                      runs['stream_pillow_resize'])), 2)
     if not args.folder and args.workers >= 0:
       workers = args.workers or cores
       batch = args.batch_size

@@ -136,8 +136,9 @@ def test_decode_resize_is_the_full_decode_resized_by_pillow(subsampling):
 
 def test_decode_crop_without_the_fused_resize_is_the_same(monkeypatch):
   """With the installed Pillow the self-check passes; were it to fail
-  (another Pillow's arithmetic), decode_crop resizes with Pillow: the same
-  pixels either way here. CMIM_RESAMPLE_SIMD=0 forces the scalar kernels."""
+  (another Pillow's arithmetic), or with CMIM_JPEG_RESIZE=0, decode_crop
+  resizes with Pillow: the same pixels either way here.
+  CMIM_RESAMPLE_SIMD=0 forces the scalar kernels."""
   assert jpeg_crop.resize_matches_pillow()
   rng = np.random.default_rng(3)
   image = rng.integers(0, 256, (240, 320, 3), np.uint8)
@@ -149,8 +150,15 @@ def test_decode_crop_without_the_fused_resize_is_the_same(monkeypatch):
   monkeypatch.setenv('CMIM_RESAMPLE_SIMD', '0')
   scalar = [decode.decode_crop(data, 'x', size=64,
                                rng=np.random.default_rng(s)) for s in range(4)]
-  monkeypatch.setitem(jpeg_crop._state, 'pillow_ok', False)
+  monkeypatch.setenv('CMIM_JPEG_RESIZE', '0')
   plain = [decode.decode_crop(data, 'x', size=64,
                               rng=np.random.default_rng(s)) for s in range(4)]
+  monkeypatch.delenv('CMIM_JPEG_RESIZE')
+  monkeypatch.setitem(jpeg_crop._state, 'pillow_ok', False)
+  assert not jpeg_crop.resize_enabled()
+  unchecked = [decode.decode_crop(data, 'x', size=64,
+                                  rng=np.random.default_rng(s))
+               for s in range(4)]
   np.testing.assert_array_equal(fused, plain)
   np.testing.assert_array_equal(scalar, plain)
+  np.testing.assert_array_equal(unchecked, plain)

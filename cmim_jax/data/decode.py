@@ -183,7 +183,7 @@ def decode_crop(data, where: str, *, size: int, rng=None,
       if (partial is not False and is_jpeg and
           im.mode in _RESIZE_THEN_CONVERT and _jpeg_crop.available()):
         try:
-          if _jpeg_crop.resize_matches_pillow():
+          if _jpeg_crop.resize_enabled():
             # Decode and resize in one C call, into `out`.
             return _jpeg_crop.decode_resize(
                 bytes(data), denom=denom, scaled_size=scaled,

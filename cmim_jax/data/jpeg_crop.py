@@ -257,6 +257,15 @@ def decode_resize(data: bytes, *, denom: int, scaled_size, channels: int,
   return out
 
 
+def resize_enabled() -> bool:
+  """Whether ``decode.py`` resizes in the shim (:func:`decode_resize`): the
+  shim loads, its resize passes :func:`resize_matches_pillow`, and
+  ``CMIM_JPEG_RESIZE=0`` is not set (then the shim decodes and Pillow
+  resizes, the same pixels more slowly)."""
+  return (os.environ.get('CMIM_JPEG_RESIZE', '1') != '0' and
+          resize_matches_pillow())
+
+
 def resize_matches_pillow() -> bool:
   """Whether :func:`resize` gives the installed Pillow's pixels on a few
   test boxes (both pass orders, up- and downscaling); checked once a
