@@ -22,10 +22,15 @@ Where the C shim of ``data/jpeg_crop.py`` builds (libjpeg-turbo and a C
 compiler), a JPEG is decoded only where the filter reads: the rows above
 the window are skipped without inverse DCT, the columns beside it are not
 transformed, and decoding stops below it. The decoded pixels are those of
-the full decode at the same scale, laid out on a canvas of the whole image,
-so Pillow's resize gives bit-equal output (``tests/test_data_jpeg_crop.py``
-checks it); files the shim declines (CMYK, corrupt or truncated data) go
-through Pillow as before.
+the full decode at the same scale (``tests/test_data_jpeg_crop.py``). The
+same C call then resizes them with the arithmetic of Pillow's bilinear
+filter (``data/resample.c``: SIMD, bit-equal to ``resize(box=...)`` on the
+whole decoded image, ``tests/test_data_resample.py``), flips, and writes
+the crop into the caller's batch row. Where that resize does not match the
+installed Pillow (checked once a process) or ``CMIM_JPEG_RESIZE=0``, the
+window is laid out on a canvas of the whole image and Pillow resizes it,
+with the same output. Files the shim declines (CMYK, corrupt or truncated
+data) go through Pillow as before.
 """
 
 from __future__ import annotations

@@ -7,13 +7,21 @@ arithmetic of Pillow's antialiased bilinear filter, bit-equal to
 ``Image.resize(size, BILINEAR, box=...)``, with SSE4.1/AVX2 kernels chosen
 at run time) are compiled with the system C compiler against the system
 libjpeg-turbo (Debian/Ubuntu: ``libjpeg-dev``, which ``libjpeg62-turbo-dev``
-provides) into a per-user cache folder keyed by the source's hash, under a
+provides) into a per-user cache folder keyed by the sources' hash, under a
 file lock and by atomic rename, so that concurrent workers build it once.
 Where it cannot be built (no compiler, no headers, a libjpeg without
 ``jpeg_skip_scanlines``) or ``CMIM_JPEG_CROP=0`` is set, ``available()`` is
 False with the reason in ``unavailable_reason()``, and ``data/decode.py``
 decodes with Pillow as before: a fresh machine works without any flag, only
 slower.
+
+The resize follows the installed Pillow's arithmetic (13.0: weights in
+double, 22-bit fixed point, uint8 between the passes, the vertical pass
+first when it removes more than twice as many rows as the horizontal one
+removes columns). ``resize_matches_pillow()`` checks that on a few boxes
+once a process; if another Pillow rounds differently, ``decode.py`` lets
+Pillow resize the decoded window (``CMIM_JPEG_RESIZE=0`` does so too).
+``CMIM_RESAMPLE_SIMD=0/1/2`` caps the kernels (scalar, SSE4.1, AVX2).
 
 Cache folder: ``$CMIM_CACHE_DIR`` or ``$XDG_CACHE_HOME/cmim_jax`` or
 ``~/.cache/cmim_jax``.
