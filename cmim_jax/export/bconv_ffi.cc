@@ -252,20 +252,37 @@ CMIM_AVX512 void RowsAvx512(const Geometry& g, const Args& a, const T* packed, i
 // as the scalar Epilogue, so the same bits (tested against every variant).
 constexpr int64_t kMaxTaps = 64;
 
+// The per-channel constants of 16 channels (lanes past n: 0).
+struct Chan16 {
+  __mmask16 m;
+  __m512 alpha, mean, mul, bias;
+};
+
+CMIM_AVX512 inline Chan16 LoadChan16(int64_t n, const float* alpha, const float* mean,
+                                     const float* mul, const float* bias) {
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+  const __m512 z = _mm512_setzero_ps();
+  return {m, _mm512_maskz_loadu_ps(m, alpha), mean ? _mm512_maskz_loadu_ps(m, mean) : z,
+          mean ? _mm512_maskz_loadu_ps(m, mul) : z, mean ? _mm512_maskz_loadu_ps(m, bias) : z};
+}
+
 // mismatch counts (int32) -> the output channels [0, n) of one position.
+CMIM_AVX512 inline void Epilogue16V(float* dst, __m512i cnt, int32_t full, const Chan16& c,
+                                    bool bn, const float* res, bool clip) {
+  const __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(full), _mm512_add_epi32(cnt, cnt));
+  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(d), c.alpha);
+  if (bn) {
+    v = _mm512_fmadd_ps(_mm512_sub_ps(v, c.mean), c.mul, c.bias);
+    if (res != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(c.m, res));
+    if (clip) v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f));
+  }
+  _mm512_mask_storeu_ps(dst, c.m, v);
+}
+
 CMIM_AVX512 inline void Epilogue16(float* dst, __m512i cnt, int64_t n, int32_t full,
                                    const float* alpha, const float* mean, const float* mul,
                                    const float* bias, const float* res, bool clip) {
-  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
-  const __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(full), _mm512_add_epi32(cnt, cnt));
-  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_maskz_loadu_ps(m, alpha));
-  if (mean != nullptr) {
-    v = _mm512_fmadd_ps(_mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, mean)),
-                        _mm512_maskz_loadu_ps(m, mul), _mm512_maskz_loadu_ps(m, bias));
-    if (res != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res));
-    if (clip) v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f));
-  }
-  _mm512_mask_storeu_ps(dst, m, v);
+  Epilogue16V(dst, cnt, full, LoadChan16(n, alpha, mean, mul, bias), mean != nullptr, res, clip);
 }
 
 struct Out {  // where one position's channels go, and its count of valid inputs
@@ -274,24 +291,29 @@ struct Out {  // where one position's channels go, and its count of valid inputs
   int32_t full;
 };
 
-// The channels [c, c + lanes of acc) of one position, clipped to cout.
+// The channels [c0, c0 + width) of one position (clipped to cout) from int32 counts.
+CMIM_AVX512 inline void EpilogueChunk(const Geometry& g, const Args& a, const Out& o,
+                                      __m512i cnt, int64_t c0, int64_t width) {
+  const int64_t n = std::min(width, g.cout - c0);
+  if (n <= 0) return;
+  Epilogue16(o.dst + c0, cnt, n, o.full, a.alpha + c0, a.mean ? a.mean + c0 : nullptr,
+             a.mul ? a.mul + c0 : nullptr, a.bias ? a.bias + c0 : nullptr,
+             o.res ? o.res + c0 : nullptr, a.clip);
+}
+
+// The channels [c, c + lanes of acc) of one position. (No lambdas here: a
+// lambda does not inherit the target attribute, and a 512-bit argument
+// passed to code compiled without AVX-512 arrives as garbage.)
 template <typename T>
 CMIM_AVX512 inline void EpilogueReg(const Geometry& g, const Args& a, const Out& o, __m512i acc,
                                     int64_t c) {
-  auto one = [&](__m512i cnt, int64_t c0, int64_t width) {
-    const int64_t n = std::min(width, g.cout - c0);
-    if (n <= 0) return;
-    Epilogue16(o.dst + c0, cnt, n, o.full, a.alpha + c0, a.mean ? a.mean + c0 : nullptr,
-               a.mul ? a.mul + c0 : nullptr, a.bias ? a.bias + c0 : nullptr,
-               o.res ? o.res + c0 : nullptr, a.clip);
-  };
   if constexpr (sizeof(T) == 2) {
-    one(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(acc)), c, 16);
-    one(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(acc, 1)), c + 16, 16);
+    EpilogueChunk(g, a, o, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(acc)), c, 16);
+    EpilogueChunk(g, a, o, _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(acc, 1)), c + 16, 16);
   } else if constexpr (sizeof(T) == 4) {
-    one(acc, c, 16);
+    EpilogueChunk(g, a, o, acc, c, 16);
   } else {
-    one(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc)), c, 8);
+    EpilogueChunk(g, a, o, _mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc)), c, 8);
   }
 }
 
@@ -312,17 +334,20 @@ inline void WindowTaps(const Geometry& g, const Window& t, Taps* taps) {
 
 // Registers [r0, r0 + NR) of output channels of one position; xs points at
 // the window's top-left input word (offsets in taps are relative to it).
-template <typename T, int NR>
+// NT, KW: the number of taps and words per position where known at compile
+// time (a 3x3 interior window of one word: loops unrolled), 0 otherwise.
+template <typename T, int NR, int NT, int KW>
 CMIM_AVX512 inline void OnePosition(const Geometry& g, const Args& a, const T* xs,
                                     const Taps& taps, int64_t r0, const Out& o) {
   constexpr int64_t kLanes = 64 / sizeof(T);
   const T* wt = static_cast<const T*>(a.wt) + r0 * kLanes;
+  const int64_t nt = NT ? NT : taps.n, k = KW ? KW : g.k;
   __m512i acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
-  for (int64_t t = 0; t < taps.n; ++t) {
+  for (int64_t t = 0; t < nt; ++t) {
     const T* xw = xs + taps.x[t];
     const T* wtap = wt + taps.w[t];
-    for (int64_t word = 0; word < g.k; ++word) {
+    for (int64_t word = 0; word < k; ++word) {
       const __m512i x = Zmm<T>::Set1(xw[word]);
       const T* wr = wtap + word * g.cs;
       for (int r = 0; r < NR; ++r)
@@ -332,40 +357,39 @@ CMIM_AVX512 inline void OnePosition(const Geometry& g, const Args& a, const T* x
   for (int r = 0; r < NR; ++r) EpilogueReg<T>(g, a, o, acc[r], (r0 + r) * kLanes);
 }
 
-template <typename T>
+template <typename T, int NT, int KW>
 CMIM_AVX512 inline void AllChannels(const Geometry& g, const Args& a, const T* xs,
                                     const Taps& taps, const Out& o) {
   const int64_t regs = g.cs * static_cast<int64_t>(sizeof(T)) / 64;
   int64_t r = 0;
-  for (; r + 8 <= regs; r += 8) OnePosition<T, 8>(g, a, xs, taps, r, o);
-  if (r + 4 <= regs) { OnePosition<T, 4>(g, a, xs, taps, r, o); r += 4; }
-  if (r + 2 <= regs) { OnePosition<T, 2>(g, a, xs, taps, r, o); r += 2; }
-  if (r < regs) OnePosition<T, 1>(g, a, xs, taps, r, o);
+  for (; r + 8 <= regs; r += 8) OnePosition<T, 8, NT, KW>(g, a, xs, taps, r, o);
+  if (r + 4 <= regs) { OnePosition<T, 4, NT, KW>(g, a, xs, taps, r, o); r += 4; }
+  if (r + 2 <= regs) { OnePosition<T, 2, NT, KW>(g, a, xs, taps, r, o); r += 2; }
+  if (r < regs) OnePosition<T, 1, NT, KW>(g, a, xs, taps, r, o);
 }
 
-// Two interior positions (xs, xs + step) of a uint16 layer with cout <= 16:
-// position 1 in lanes [0, 16), position 2 in [16, 32), the kernel's 16
-// channels broadcast to both halves.
-CMIM_AVX512 inline void TwoPositions16(const Geometry& g, const Args& a, const uint16_t* xs,
-                                       int64_t step, const Taps& taps, const Out& o1,
-                                       const Out& o2) {
-  const uint16_t* wt = static_cast<const uint16_t*>(a.wt);
+// Two interior positions (xs, xs + step) of a uint16 layer with cout <= 16,
+// interleaved: 16-bit lane 2c holds channel c of the first, lane 2c + 1 of
+// the second, so both input words are one broadcast 32-bit pattern and the
+// kernel's words come duplicated (wdup[t][2c] = wdup[t][2c + 1]); the counts
+// of the two positions are then the low and high halves of each 32-bit lane.
+template <int NT>
+CMIM_AVX512 inline void TwoPositions16(const Args& a, const uint16_t* xs, int64_t step,
+                                       const Taps& taps, const uint16_t (*wdup)[32],
+                                       const Chan16& c, const Out& o1, const Out& o2) {
+  const int64_t nt = NT ? NT : taps.n;
   __m512i acc = _mm512_setzero_si512();
-  for (int64_t t = 0; t < taps.n; ++t) {
+  for (int64_t t = 0; t < nt; ++t) {  // cin <= 16: one word
     const uint16_t* xw = xs + taps.x[t];
-    const uint16_t* wtap = wt + taps.w[t];
-    for (int64_t word = 0; word < g.k; ++word) {
-      const __m512i x = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<short>(xw[word])),
-                                           _mm256_set1_epi16(static_cast<short>(xw[step + word])), 1);
-      const __m512i w = _mm512_broadcast_i64x4(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wtap + word * g.cs)));
-      acc = _mm512_add_epi16(acc, _mm512_popcnt_epi16(_mm512_xor_si512(w, x)));
-    }
+    const uint32_t pair = xw[0] | static_cast<uint32_t>(xw[step]) << 16;
+    const __m512i w = _mm512_load_si512(wdup[t]);
+    acc = _mm512_add_epi16(acc, _mm512_popcnt_epi16(_mm512_xor_si512(
+                                    w, _mm512_set1_epi32(static_cast<int>(pair)))));
   }
-  Epilogue16(o1.dst, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(acc)), g.cout, o1.full, a.alpha,
-             a.mean, a.mul, a.bias, o1.res, a.clip);
-  Epilogue16(o2.dst, _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(acc, 1)), g.cout, o2.full,
-             a.alpha, a.mean, a.mul, a.bias, o2.res, a.clip);
+  const bool bn = a.mean != nullptr;
+  Epilogue16V(o1.dst, _mm512_and_si512(acc, _mm512_set1_epi32(0xffff)), o1.full, c, bn, o1.res,
+              a.clip);
+  Epilogue16V(o2.dst, _mm512_srli_epi32(acc, 16), o2.full, c, bn, o2.res, a.clip);
 }
 
 template <typename T>
@@ -380,6 +404,15 @@ CMIM_AVX512 void RowsAvx512Blocked(const Geometry& g, const Args& a, const T* pa
   Taps inner;
   WindowTaps(g, Window{0, 0, 0, g.kh, 0, g.kw}, &inner);
   const int32_t full_inner = static_cast<int32_t>(g.kh * g.kw * g.cin);
+  const bool nine = g.kh * g.kw == 9;
+  alignas(64) uint16_t wdup[pairs ? kMaxTaps : 1][32];
+  Chan16 chan{};
+  if (pairs) {
+    const uint16_t* wt = static_cast<const uint16_t*>(a.wt);
+    for (int64_t t = 0; t < inner.n; ++t)
+      for (int64_t c = 0; c < 16; ++c) wdup[t][2 * c] = wdup[t][2 * c + 1] = wt[inner.w[t] + c];
+    chan = LoadChan16(g.cout, a.alpha, a.mean, a.mul, a.bias);
+  }
   Taps edge;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / g.ho, oy = r % g.ho;
@@ -394,11 +427,13 @@ CMIM_AVX512 void RowsAvx512Blocked(const Geometry& g, const Args& a, const T* pa
       if (row_inner && ox >= xa && ox < xb) {
         const T* xs = img + (y0 * g.w + ox * g.sw - g.pl) * g.k;
         if (pairs && ox + 1 < xb) {
-          TwoPositions16(g, a, reinterpret_cast<const uint16_t*>(xs), g.sw * g.k, inner,
-                         out(ox, full_inner), out(ox + 1, full_inner));
+          const uint16_t* xs16 = reinterpret_cast<const uint16_t*>(xs);
+          if (nine) TwoPositions16<9>(a, xs16, g.sw, inner, wdup, chan, out(ox, full_inner), out(ox + 1, full_inner));
+          else TwoPositions16<0>(a, xs16, g.sw, inner, wdup, chan, out(ox, full_inner), out(ox + 1, full_inner));
           ox += 2;
         } else {
-          AllChannels<T>(g, a, xs, inner, out(ox, full_inner));
+          if (nine && g.k == 1) AllChannels<T, 9, 1>(g, a, xs, inner, out(ox, full_inner));
+          else AllChannels<T, 0, 0>(g, a, xs, inner, out(ox, full_inner));
           ox += 1;
         }
         continue;
@@ -406,7 +441,7 @@ CMIM_AVX512 void RowsAvx512Blocked(const Geometry& g, const Args& a, const T* pa
       const Window t = TapsInside(g, oy, ox);
       WindowTaps(g, t, &edge);
       const int32_t full = static_cast<int32_t>((t.i1 - t.i0) * (t.j1 - t.j0) * g.cin);
-      AllChannels<T>(g, a, img, edge, out(ox, full));
+      AllChannels<T, 0, 0>(g, a, img, edge, out(ox, full));
       ox += 1;
     }
   }
