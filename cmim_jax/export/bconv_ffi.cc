@@ -20,9 +20,17 @@
 //
 // Portability: compiled with -O3 and no -march. The hot loops exist three
 // times (AVX-512 VPOPCNTDQ/BITALG intrinsics; plain C++ compiled for AVX2 +
-// POPCNT; plain C++ for the baseline of any architecture) and the variant is
-// chosen once at run time with __builtin_cpu_supports, so the shared object
-// runs on any machine of its architecture.
+// POPCNT; plain C++ for the baseline of any architecture); the best variant
+// the CPU has (__builtin_cpu_supports) is the default, a lower one can be
+// chosen with cmim_bconv_set_isa (CMIM_JAX_FFI_ISA), so the shared object
+// runs on any machine of its architecture and tests run every variant.
+//
+// The AVX-512 loop (RowsAvx512Blocked) keeps a position's output channels in
+// up to 8 accumulator registers, runs interior positions from a fixed tap
+// list (3x3 one-word layers fully unrolled) and only the border positions
+// through the padding checks, and puts two positions in one register where
+// one position's channels would fill half of it (16-channel layers). Timed
+// kernel-only against the earlier per-position loop by bench/bconv_micro.cc.
 //
 // Threads: a large call (batch 64) is split into row ranges run on XLA's
 // intra-op thread pool (ffi::ThreadPool), the calling thread taking ranges
