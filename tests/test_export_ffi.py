@@ -55,7 +55,8 @@ def _layer_case(rng, b, h, w, cin, cout, k, zeros=True):
 
 
 @pytest.mark.parametrize("cin,cout,k,strides,padding,hw", [
-    (16, 16, 3, (1, 1), ((1, 1), (1, 1)), (7, 7)),       # uint16 words
+    (16, 16, 3, (1, 1), ((1, 1), (1, 1)), (7, 7)),       # uint16 words, two positions a register
+    (9, 12, 3, (2, 2), ((1, 1), (1, 1)), (9, 12)),       # the same at stride 2, cout < 16
     (32, 24, 3, (2, 2), ((1, 1), (1, 1)), (8, 9)),       # uint32, stride 2, odd width
     (5, 33, 3, (2, 2), ((1, 1), (1, 1)), (5, 6)),        # part of a word, cout past a register
     (48, 8, 1, (2, 2), ((0, 0), (0, 0)), (6, 6)),        # 1x1 shortcut-like, uint64
@@ -194,6 +195,9 @@ def test_isa_switch_is_applied_on_load_and_bad_names_fail(isas, monkeypatch):
   monkeypatch.setattr(ffi, "_ENV_APPLIED", False)
   if "avx2" in isas:
     assert ffi._load() == (True, "avx2-popcnt")  # pylint: disable=protected-access
+  else:  # an explicit request for a variant the CPU lacks is an error, not a fallback
+    with pytest.raises(RuntimeError, match="cannot run the 'avx2' kernel variant"):
+      ffi._load()  # pylint: disable=protected-access
   ffi.use_isa(None)
   monkeypatch.setenv(ffi.ISA_SWITCH, "neon")
   monkeypatch.setattr(ffi, "_ENV_APPLIED", False)
