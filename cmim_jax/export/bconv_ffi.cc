@@ -390,7 +390,7 @@ CMIM_AVX512 inline void TwoPositions16(const Args& a, const uint16_t* xs, int64_
   for (int64_t t = 0; t < nt; ++t) {  // cin <= 16: one word
     const uint16_t* xw = xs + taps.x[t];
     const uint32_t pair = xw[0] | static_cast<uint32_t>(xw[step]) << 16;
-    const __m512i w = _mm512_load_si512(wdup[t]);
+    const __m512i w = _mm512_loadu_si512(wdup[t]);
     acc = _mm512_add_epi16(acc, _mm512_popcnt_epi16(_mm512_xor_si512(
                                     w, _mm512_set1_epi32(static_cast<int>(pair)))));
   }
@@ -413,7 +413,7 @@ CMIM_AVX512 void RowsAvx512Blocked(const Geometry& g, const Args& a, const T* pa
   WindowTaps(g, Window{0, 0, 0, g.kh, 0, g.kw}, &inner);
   const int32_t full_inner = static_cast<int32_t>(g.kh * g.kw * g.cin);
   const bool nine = g.kh * g.kw == 9;
-  alignas(64) uint16_t wdup[pairs ? kMaxTaps : 1][32];
+  alignas(64) uint16_t wdup[kMaxTaps][32];  // 4 KiB; filled only for pairs
   Chan16 chan{};
   if (pairs) {
     const uint16_t* wt = static_cast<const uint16_t*>(a.wt);
