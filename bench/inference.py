@@ -33,7 +33,10 @@ object.
   python bench/inference.py --workdir runs/c10       # a trained run (uses its config)
 
 Where the FFI kernel cannot be built (no compiler) its columns are absent
-and the JSON's ``ffi`` field says why.
+and the JSON's ``ffi`` field says why; ``CMIM_JAX_FFI_ISA=avx2`` (or
+``baseline``) times that variant of it instead of the best the CPU has
+(the field names the one used). Kernel-only timings of every variant,
+without XLA: ``bench/bconv_micro.cc``.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """The C++ XLA FFI packed-conv kernel (cmim_jax.export.ffi): one layer against
 an integer NumPy convolution, whole models bit for bit against the pure-JAX
-path, the fusion plan, the switch that forces the pure path, and the
-fallback when no compiler is there. Skips (with the reason) only where the
-kernel cannot be built."""
+path, each under every variant of the kernel this CPU runs (AVX-512, AVX2,
+baseline: ``ffi.use_isa``, as ``CMIM_JAX_FFI_ISA`` forces them), the fusion
+plan, the switches that force the pure path or a variant, and the fallback
+when no compiler is there. Skips (with the reason) only where the kernel
+cannot be built."""
 import os
 
 import jax
@@ -23,6 +25,24 @@ def built():
     pytest.skip(f"the C++ kernel could not be built here: {why}")
 
 
+@pytest.fixture
+def isas(built):
+  """Every variant this CPU runs (best first); the best one again afterwards.
+  A test compiles once and calls under each: the variant is read per call."""
+  yield ffi.supported_isas()
+  ffi.use_isa(None)
+
+
+def test_every_variant_runs_here_or_is_named_missing(isas):
+  # This repo's CI CPU has AVX-512: all three run there. Elsewhere a lower
+  # best variant is fine, but each listed one must switch in and report itself.
+  assert isas[-1] == "baseline" and isas == [v for v in ("avx512", "avx2", "baseline") if v in isas]
+  long = {"avx512": "avx512-vpopcntdq", "avx2": "avx2-popcnt", "baseline": "baseline"}
+  for isa in isas:
+    ffi.use_isa(isa)
+    assert ffi.status() == long[isa]
+
+
 def _layer_case(rng, b, h, w, cin, cout, k, zeros=True):
   x = rng.normal(size=(b, h, w, cin)).astype(np.float32)
   if zeros:  # +0.0 and -0.0 are +1, as binarize.sign
@@ -35,23 +55,27 @@ def _layer_case(rng, b, h, w, cin, cout, k, zeros=True):
 
 
 @pytest.mark.parametrize("cin,cout,k,strides,padding,hw", [
-    (16, 16, 3, (1, 1), ((1, 1), (1, 1)), (7, 7)),       # uint16 words
+    (16, 16, 3, (1, 1), ((1, 1), (1, 1)), (7, 7)),       # uint16 words, two positions a register
+    (9, 12, 3, (2, 2), ((1, 1), (1, 1)), (9, 12)),       # the same at stride 2, cout < 16
     (32, 24, 3, (2, 2), ((1, 1), (1, 1)), (8, 9)),       # uint32, stride 2, odd width
     (5, 33, 3, (2, 2), ((1, 1), (1, 1)), (5, 6)),        # part of a word, cout past a register
     (48, 8, 1, (2, 2), ((0, 0), (0, 0)), (6, 6)),        # 1x1 shortcut-like, uint64
     (70, 40, 3, (1, 1), ((0, 2), (1, 0)), (5, 4)),       # two uint64 words, asymmetric pad
     (130, 17, 3, (1, 2), ((1, 1), (1, 1)), (4, 5)),      # three words, mixed strides
 ])
-def test_layer_equals_integer_numpy_conv(built, cin, cout, k, strides, padding, hw):
-  """alpha * (the zero-padded +-1 convolution), one float32 rounding: exactly."""
+def test_layer_equals_integer_numpy_conv(isas, cin, cout, k, strides, padding, hw):
+  """alpha * (the zero-padded +-1 convolution), one float32 rounding: exactly,
+  under every kernel variant."""
   rng = np.random.default_rng(cin * 100 + cout)
   x, signs, bits, alpha = _layer_case(rng, 2, *hw, cin, cout, k)
   ref = np_conv_zero_padded(np_sign(x), np.where(signs, 1, -1), strides, padding)
   want = ref.astype(np.float32) * alpha
   words = ffi.kernel_words(bits, cin)
-  got = jax.jit(lambda x: ffi.bconv(x, words, alpha, cin=cin, strides=strides,
-                                    padding=padding))(x)
-  np.testing.assert_array_equal(np.asarray(got), want)
+  layer = jax.jit(lambda x: ffi.bconv(x, words, alpha, cin=cin, strides=strides,
+                                      padding=padding))
+  for isa in isas:
+    ffi.use_isa(isa)
+    np.testing.assert_array_equal(np.asarray(layer(x)), want, err_msg=isa)
   # And the pure-JAX layer gives the same bits.
   border = infer.border_map(infer.kernel_sign_sums(bits, cin), hw, strides, padding)
   pure = infer.xnor_conv(jnp.asarray(x), bits, cin=cin, strides=strides, padding=padding,
@@ -59,7 +83,7 @@ def test_layer_equals_integer_numpy_conv(built, cin, cout, k, strides, padding, 
   np.testing.assert_array_equal(np.asarray(pure).astype(np.float32) * alpha, want)
 
 
-def test_fused_epilogue_equals_the_pure_ops(built):
+def test_fused_epilogue_equals_the_pure_ops(isas):
   """BatchNorm, residual add and hardtanh in the call == the same ops in XLA, bit for bit."""
   rng = np.random.default_rng(0)
   cin, cout = 32, 32
@@ -83,8 +107,10 @@ def test_fused_epilogue_equals_the_pure_ops(built):
   native = jax.jit(lambda x, res: (ffi.bconv(x, words, alpha, bn=(mean, mul, bias), **kw),
                                    ffi.bconv(x, words, alpha, bn=(mean, mul, bias), residual=res,
                                              clip=True, **kw)))
-  for want, got in zip((y, h), native(x, res)):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for isa in isas:
+    ffi.use_isa(isa)
+    for want, got in zip((y, h), native(x, res)):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=isa)
 
 
 # One model per block kind: ResNet (option A shortcuts, stride 2), VGG-small
@@ -93,7 +119,7 @@ def test_fused_epilogue_equals_the_pure_ops(built):
 # (1x1 binary convs, RSign, RPReLU, concat).
 @pytest.mark.parametrize("name", ["resnet20", "vgg_small", "birealnet18", "resnet18_sdbnn",
                                   "reactnet_a_cifar"])
-def test_models_ffi_equals_pure_bit_for_bit(built, name, tmp_path):
+def test_models_ffi_equals_pure_bit_for_bit(isas, name, tmp_path):
   from cmim_jax import export
   model = _tiny_model(name)
   shape = _input_shape(model)
@@ -107,15 +133,19 @@ def test_models_ffi_equals_pure_bit_for_bit(built, name, tmp_path):
   hlo = jax.jit(native.__call__).lower(_images(shape, n=2)[:1]).as_text()
   assert "cmim_bconv" in hlo
   assert "cmim_bconv" not in jax.jit(pure.__call__).lower(_images(shape, n=2)[:1]).as_text()
+  native_fn, pure_fn = jax.jit(native.__call__), jax.jit(pure.__call__)
   for n in (1, 5):  # batch 1, and more (flat images: every border tap is a tie)
     images = _images(shape, n=max(n, 2))[:n]
-    got = np.asarray(jax.jit(native.__call__)(images))
-    want = np.asarray(jax.jit(pure.__call__)(images))
-    if name in _ROUNDING_AROUND_THE_CALL:
-      np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
-      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
-    else:
-      np.testing.assert_array_equal(got, want)
+    want = np.asarray(pure_fn(images))
+    for isa in isas:  # one compiled program, each variant of the kernel
+      ffi.use_isa(isa)
+      got = np.asarray(native_fn(images))
+      if name in _ROUNDING_AROUND_THE_CALL:
+        np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1), err_msg=isa)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max(),
+                                   err_msg=isa)
+      else:
+        np.testing.assert_array_equal(got, want, err_msg=isa)
 
 
 # Bit for bit everywhere but here: with every layer on the pure path except
@@ -158,6 +188,26 @@ def test_env_switch_and_kernel_option_force_the_pure_path(built, monkeypatch, tm
   assert ffi.status().startswith("off")
   with pytest.raises(ValueError, match="kernel='fast'"):
     export.load(path, kernel="fast")
+
+
+def test_isa_switch_is_applied_on_load_and_bad_names_fail(isas, monkeypatch):
+  monkeypatch.setenv(ffi.ISA_SWITCH, "avx2 ")  # case and spaces as a shell may leave them
+  monkeypatch.setattr(ffi, "_ENV_APPLIED", False)
+  if "avx2" in isas:
+    assert ffi._load() == (True, "avx2-popcnt")  # pylint: disable=protected-access
+  else:  # an explicit request for a variant the CPU lacks is an error, not a fallback
+    with pytest.raises(RuntimeError, match="cannot run the 'avx2' kernel variant"):
+      ffi._load()  # pylint: disable=protected-access
+  ffi.use_isa(None)
+  monkeypatch.setenv(ffi.ISA_SWITCH, "neon")
+  monkeypatch.setattr(ffi, "_ENV_APPLIED", False)
+  with pytest.raises(ValueError, match="CMIM_JAX_FFI_ISA='neon'.*avx512, avx2, baseline"):
+    ffi._load()  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="unknown kernel variant 'sse'"):
+    ffi.use_isa("sse")
+  monkeypatch.setenv(ffi.ISA_SWITCH, "auto")
+  assert ffi._load() == (True, {"avx512": "avx512-vpopcntdq", "avx2": "avx2-popcnt",  # pylint: disable=protected-access
+                                "baseline": "baseline"}[isas[0]])
 
 
 def test_missing_compiler_fails_with_its_name_and_auto_falls_back(monkeypatch, tmp_path):

@@ -20,9 +20,17 @@
 //
 // Portability: compiled with -O3 and no -march. The hot loops exist three
 // times (AVX-512 VPOPCNTDQ/BITALG intrinsics; plain C++ compiled for AVX2 +
-// POPCNT; plain C++ for the baseline of any architecture) and the variant is
-// chosen once at run time with __builtin_cpu_supports, so the shared object
-// runs on any machine of its architecture.
+// POPCNT; plain C++ for the baseline of any architecture); the best variant
+// the CPU has (__builtin_cpu_supports) is the default, a lower one can be
+// chosen with cmim_bconv_set_isa (CMIM_JAX_FFI_ISA), so the shared object
+// runs on any machine of its architecture and tests run every variant.
+//
+// The AVX-512 loop (RowsAvx512Blocked) keeps a position's output channels in
+// up to 8 accumulator registers, runs interior positions from a fixed tap
+// list (3x3 one-word layers fully unrolled) and only the border positions
+// through the padding checks, and puts two positions in one register where
+// one position's channels would fill half of it (16-channel layers). Timed
+// kernel-only against the earlier per-position loop by bench/bconv_micro.cc.
 //
 // Threads: a large call (batch 64) is split into row ranges run on XLA's
 // intra-op thread pool (ffi::ThreadPool), the calling thread taking ranges
@@ -241,6 +249,211 @@ CMIM_AVX512 void RowsAvx512(const Geometry& g, const Args& a, const T* packed, i
     }
   }
 }
+
+// AVX-512, blocked: one position's output channels in up to 8 accumulator
+// registers at a time (each tap's input word broadcast once for all of
+// them), the taps of an interior position from a precomputed offset list
+// (no padding checks), two positions per register where one position's
+// channels fill at most half of it (uint16 words, cout <= 16: a 16-channel
+// layer would leave half of every register empty), and the epilogue 16
+// channels per instruction. The same integers and the same float operations
+// as the scalar Epilogue, so the same bits (tested against every variant).
+constexpr int64_t kMaxTaps = 64;
+
+// The per-channel constants of 16 channels (lanes past n: 0).
+struct Chan16 {
+  __mmask16 m;
+  __m512 alpha, mean, mul, bias;
+};
+
+CMIM_AVX512 inline Chan16 LoadChan16(int64_t n, const float* alpha, const float* mean,
+                                     const float* mul, const float* bias) {
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+  const __m512 z = _mm512_setzero_ps();
+  return {m, _mm512_maskz_loadu_ps(m, alpha), mean ? _mm512_maskz_loadu_ps(m, mean) : z,
+          mean ? _mm512_maskz_loadu_ps(m, mul) : z, mean ? _mm512_maskz_loadu_ps(m, bias) : z};
+}
+
+// mismatch counts (int32) -> the output channels [0, n) of one position.
+CMIM_AVX512 inline void Epilogue16V(float* dst, __m512i cnt, int32_t full, const Chan16& c,
+                                    bool bn, const float* res, bool clip) {
+  const __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(full), _mm512_add_epi32(cnt, cnt));
+  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(d), c.alpha);
+  if (bn) {
+    v = _mm512_fmadd_ps(_mm512_sub_ps(v, c.mean), c.mul, c.bias);
+    if (res != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(c.m, res));
+    if (clip) v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f));
+  }
+  _mm512_mask_storeu_ps(dst, c.m, v);
+}
+
+CMIM_AVX512 inline void Epilogue16(float* dst, __m512i cnt, int64_t n, int32_t full,
+                                   const float* alpha, const float* mean, const float* mul,
+                                   const float* bias, const float* res, bool clip) {
+  Epilogue16V(dst, cnt, full, LoadChan16(n, alpha, mean, mul, bias), mean != nullptr, res, clip);
+}
+
+struct Out {  // where one position's channels go, and its count of valid inputs
+  float* dst;
+  const float* res;
+  int32_t full;
+};
+
+// The channels [c0, c0 + width) of one position (clipped to cout) from int32 counts.
+CMIM_AVX512 inline void EpilogueChunk(const Geometry& g, const Args& a, const Out& o,
+                                      __m512i cnt, int64_t c0, int64_t width) {
+  const int64_t n = std::min(width, g.cout - c0);
+  if (n <= 0) return;
+  Epilogue16(o.dst + c0, cnt, n, o.full, a.alpha + c0, a.mean ? a.mean + c0 : nullptr,
+             a.mul ? a.mul + c0 : nullptr, a.bias ? a.bias + c0 : nullptr,
+             o.res ? o.res + c0 : nullptr, a.clip);
+}
+
+// The channels [c, c + lanes of acc) of one position. (No lambdas here: a
+// lambda does not inherit the target attribute, and a 512-bit argument
+// passed to code compiled without AVX-512 arrives as garbage.)
+template <typename T>
+CMIM_AVX512 inline void EpilogueReg(const Geometry& g, const Args& a, const Out& o, __m512i acc,
+                                    int64_t c) {
+  if constexpr (sizeof(T) == 2) {
+    EpilogueChunk(g, a, o, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(acc)), c, 16);
+    EpilogueChunk(g, a, o, _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(acc, 1)), c + 16, 16);
+  } else if constexpr (sizeof(T) == 4) {
+    EpilogueChunk(g, a, o, acc, c, 16);
+  } else {
+    EpilogueChunk(g, a, o, _mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc)), c, 8);
+  }
+}
+
+struct Taps {  // the taps of a window: input word offsets and kernel offsets
+  int64_t n;
+  int64_t x[kMaxTaps], w[kMaxTaps];
+};
+
+inline void WindowTaps(const Geometry& g, const Window& t, Taps* taps) {
+  taps->n = 0;
+  for (int64_t i = t.i0; i < t.i1; ++i)
+    for (int64_t j = t.j0; j < t.j1; ++j) {
+      taps->x[taps->n] = ((t.y0 + i) * g.w + (t.x0 + j)) * g.k;
+      taps->w[taps->n] = (i * g.kw + j) * g.k * g.cs;
+      ++taps->n;
+    }
+}
+
+// Registers [r0, r0 + NR) of output channels of one position; xs points at
+// the window's top-left input word (offsets in taps are relative to it).
+// NT, KW: the number of taps and words per position where known at compile
+// time (a 3x3 interior window of one word: loops unrolled), 0 otherwise.
+template <typename T, int NR, int NT, int KW>
+CMIM_AVX512 inline void OnePosition(const Geometry& g, const Args& a, const T* xs,
+                                    const Taps& taps, int64_t r0, const Out& o) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  const T* wt = static_cast<const T*>(a.wt) + r0 * kLanes;
+  const int64_t nt = NT ? NT : taps.n, k = KW ? KW : g.k;
+  __m512i acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
+  for (int64_t t = 0; t < nt; ++t) {
+    const T* xw = xs + taps.x[t];
+    const T* wtap = wt + taps.w[t];
+    for (int64_t word = 0; word < k; ++word) {
+      const __m512i x = Zmm<T>::Set1(xw[word]);
+      const T* wr = wtap + word * g.cs;
+      for (int r = 0; r < NR; ++r)
+        acc[r] = Zmm<T>::AddPopcount(acc[r], _mm512_xor_si512(_mm512_loadu_si512(wr + r * kLanes), x));
+    }
+  }
+  for (int r = 0; r < NR; ++r) EpilogueReg<T>(g, a, o, acc[r], (r0 + r) * kLanes);
+}
+
+template <typename T, int NT, int KW>
+CMIM_AVX512 inline void AllChannels(const Geometry& g, const Args& a, const T* xs,
+                                    const Taps& taps, const Out& o) {
+  const int64_t regs = g.cs * static_cast<int64_t>(sizeof(T)) / 64;
+  int64_t r = 0;
+  for (; r + 8 <= regs; r += 8) OnePosition<T, 8, NT, KW>(g, a, xs, taps, r, o);
+  if (r + 4 <= regs) { OnePosition<T, 4, NT, KW>(g, a, xs, taps, r, o); r += 4; }
+  if (r + 2 <= regs) { OnePosition<T, 2, NT, KW>(g, a, xs, taps, r, o); r += 2; }
+  if (r < regs) OnePosition<T, 1, NT, KW>(g, a, xs, taps, r, o);
+}
+
+// Two interior positions (xs, xs + step) of a uint16 layer with cout <= 16,
+// interleaved: 16-bit lane 2c holds channel c of the first, lane 2c + 1 of
+// the second, so both input words are one broadcast 32-bit pattern and the
+// kernel's words come duplicated (wdup[t][2c] = wdup[t][2c + 1]); the counts
+// of the two positions are then the low and high halves of each 32-bit lane.
+template <int NT>
+CMIM_AVX512 inline void TwoPositions16(const Args& a, const uint16_t* xs, int64_t step,
+                                       const Taps& taps, const uint16_t (*wdup)[32],
+                                       const Chan16& c, const Out& o1, const Out& o2) {
+  const int64_t nt = NT ? NT : taps.n;
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t t = 0; t < nt; ++t) {  // cin <= 16: one word
+    const uint16_t* xw = xs + taps.x[t];
+    const uint32_t pair = xw[0] | static_cast<uint32_t>(xw[step]) << 16;
+    const __m512i w = _mm512_loadu_si512(wdup[t]);
+    acc = _mm512_add_epi16(acc, _mm512_popcnt_epi16(_mm512_xor_si512(
+                                    w, _mm512_set1_epi32(static_cast<int>(pair)))));
+  }
+  const bool bn = a.mean != nullptr;
+  Epilogue16V(o1.dst, _mm512_and_si512(acc, _mm512_set1_epi32(0xffff)), o1.full, c, bn, o1.res,
+              a.clip);
+  Epilogue16V(o2.dst, _mm512_srli_epi32(acc, 16), o2.full, c, bn, o2.res, a.clip);
+}
+
+template <typename T>
+CMIM_AVX512 void RowsAvx512Blocked(const Geometry& g, const Args& a, const T* packed, int64_t r0,
+                                   int64_t r1) {
+  if (g.kh * g.kw > kMaxTaps) return RowsAvx512<T, true>(g, a, packed, r0, r1);
+  const bool pairs = sizeof(T) == 2 && g.cout <= 16;
+  // Interior output columns [xa, xb) and their taps (all kh x kw of them).
+  const int64_t xa = std::min(g.wo, (g.pl + g.sw - 1) / g.sw);
+  const int64_t xb = std::max(xa, std::min(g.wo, g.w - g.kw + g.pl >= 0
+                                                     ? (g.w - g.kw + g.pl) / g.sw + 1 : 0));
+  Taps inner;
+  WindowTaps(g, Window{0, 0, 0, g.kh, 0, g.kw}, &inner);
+  const int32_t full_inner = static_cast<int32_t>(g.kh * g.kw * g.cin);
+  const bool nine = g.kh * g.kw == 9;
+  alignas(64) uint16_t wdup[kMaxTaps][32];  // 4 KiB; filled only for pairs
+  Chan16 chan{};
+  if (pairs) {
+    const uint16_t* wt = static_cast<const uint16_t*>(a.wt);
+    for (int64_t t = 0; t < inner.n; ++t)
+      for (int64_t c = 0; c < 16; ++c) wdup[t][2 * c] = wdup[t][2 * c + 1] = wt[inner.w[t] + c];
+    chan = LoadChan16(g.cout, a.alpha, a.mean, a.mul, a.bias);
+  }
+  Taps edge;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / g.ho, oy = r % g.ho;
+    const T* img = packed + b * g.h * g.w * g.k;
+    const int64_t y0 = oy * g.sh - g.pt;
+    const bool row_inner = y0 >= 0 && y0 + g.kh <= g.h;
+    auto out = [&](int64_t ox, int32_t full) {
+      const int64_t at = (r * g.wo + ox) * g.cout;
+      return Out{a.out + at, a.res ? a.res + at : nullptr, full};
+    };
+    for (int64_t ox = 0; ox < g.wo;) {
+      if (row_inner && ox >= xa && ox < xb) {
+        const T* xs = img + (y0 * g.w + ox * g.sw - g.pl) * g.k;
+        if (pairs && ox + 1 < xb) {
+          const uint16_t* xs16 = reinterpret_cast<const uint16_t*>(xs);
+          if (nine) TwoPositions16<9>(a, xs16, g.sw, inner, wdup, chan, out(ox, full_inner), out(ox + 1, full_inner));
+          else TwoPositions16<0>(a, xs16, g.sw, inner, wdup, chan, out(ox, full_inner), out(ox + 1, full_inner));
+          ox += 2;
+        } else {
+          if (nine && g.k == 1) AllChannels<T, 9, 1>(g, a, xs, inner, out(ox, full_inner));
+          else AllChannels<T, 0, 0>(g, a, xs, inner, out(ox, full_inner));
+          ox += 1;
+        }
+        continue;
+      }
+      const Window t = TapsInside(g, oy, ox);
+      WindowTaps(g, t, &edge);
+      const int32_t full = static_cast<int32_t>((t.i1 - t.i0) * (t.j1 - t.j0) * g.cin);
+      AllChannels<T, 0, 0>(g, a, img, edge, out(ox, full));
+      ox += 1;
+    }
+  }
+}
 #endif
 
 template <typename T>
@@ -249,31 +462,41 @@ struct Kernels {
   void (*rows)(const Geometry&, const Args&, const T*, int64_t, int64_t);
 };
 
-#define CMIM_VARIANT(NAME, TARGET, FMA)                                                     \
+#define CMIM_VARIANT(NAME, TARGET)                                                          \
   template <typename T>                                                                     \
   TARGET void Pack##NAME(const Geometry& g, const float* x, T* packed, int64_t n0,          \
                          int64_t n1) {                                                      \
     PackGeneric<T>(g, x, packed, n0, n1);                                                   \
   }                                                                                         \
-  template <typename T>                                                                     \
+  template <typename T, bool kFma>                                                          \
   TARGET void Rows##NAME(const Geometry& g, const Args& a, const T* packed, int64_t r0,      \
                          int64_t r1) {                                                      \
-    RowsGeneric<T, FMA>(g, a, packed, r0, r1);                                              \
+    RowsGeneric<T, kFma>(g, a, packed, r0, r1);                                             \
   }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-CMIM_VARIANT(Avx2, __attribute__((target("avx2,popcnt,fma"))), true)
+CMIM_VARIANT(Avx2, __attribute__((target("avx2,popcnt,fma"))))
 #endif
-// Baseline: an FMA only where the architecture always has one (XLA uses it there).
-#if defined(__aarch64__) || defined(__FMA__)
-CMIM_VARIANT(Base, , true)
-#else
-CMIM_VARIANT(Base, , false)
-#endif
+CMIM_VARIANT(Base, )
 
-// Which variant this CPU runs: 2 AVX-512 VPOPCNTDQ+BITALG, 1 AVX2+POPCNT (both
-// with FMA), 0 baseline.
-int Isa() {
+// Whether XLA:CPU contracts multiply-adds into FMAs here: where the CPU has
+// them (always on aarch64). The baseline variant follows this too (compiled
+// without -mfma, its fmaf is a library call with the same single rounding),
+// so that forcing it on a CPU with FMA still gives XLA's bits.
+bool HasFma() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("fma");
+#elif defined(__aarch64__) || defined(__FMA__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// The best variant this CPU runs: 2 AVX-512 VPOPCNTDQ+BITALG, 1 AVX2+POPCNT
+// (both with FMA), 0 baseline.
+int BestIsa() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   if (!__builtin_cpu_supports("fma")) return 0;
@@ -286,15 +509,21 @@ int Isa() {
   return 0;
 }
 
-const int kIsa = Isa();
+const bool kHasFma = HasFma();
+const int kBestIsa = BestIsa();
+// The variant in use: the best one unless cmim_bconv_set_isa chose a lower
+// one (CMIM_JAX_FFI_ISA, read by ffi.py; tests run every variant this way).
+// Read on every call, so a switch applies to already compiled programs.
+std::atomic<int> g_isa{kBestIsa};
 
 template <typename T>
-Kernels<T> Pick() {
+Kernels<T> Pick(int isa) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kIsa == 2) return {&PackAvx512<T>, &RowsAvx512<T, true>};
-  if (kIsa == 1) return {&PackAvx2<T>, &RowsAvx2<T>};
+  if (isa == 2) return {&PackAvx512<T>, &RowsAvx512Blocked<T>};
+  if (isa == 1) return {&PackAvx2<T>, &RowsAvx2<T, true>};
 #endif
-  return {&PackBase<T>, &RowsBase<T>};
+  if (kHasFma) return {&PackBase<T>, &RowsBase<T, true>};
+  return {&PackBase<T>, &RowsBase<T, false>};
 }
 
 // Runs fn(0..n-1), on the pool's threads and the calling thread. The calling
@@ -327,7 +556,7 @@ constexpr int64_t kGrain = int64_t{1} << 22;
 
 template <typename T>
 ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, const Args& a) {
-  static const Kernels<T> kernels = Pick<T>();
+  const Kernels<T> kernels = Pick<T>(g_isa.load(std::memory_order_relaxed));
   // The calling thread's scratch, reused across calls; other threads only
   // read and write it inside ParallelFor, which returns after they are done.
   thread_local std::vector<T> packed_buf;
@@ -462,5 +691,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CmimBConvBnAdd, BConvBnAdd,
                                   .Attr<int64_t>("word_bits")
                                   .Attr<int64_t>("clip"));
 
-// For the loader's log line and the tests: which variant runs here.
-extern "C" int cmim_bconv_isa() { return kIsa; }
+// For the loader's log line and the tests: which variant runs, and the best
+// this CPU has.
+extern "C" int cmim_bconv_isa() { return g_isa.load(); }
+extern "C" int cmim_bconv_best_isa() { return kBestIsa; }
+
+// Chooses the variant (0 baseline, 1 AVX2, 2 AVX-512) for the calls that
+// start after it returns; 0 on success, -1 if this CPU lacks it.
+extern "C" int cmim_bconv_set_isa(int isa) {
+  if (isa < 0 || isa > kBestIsa) return -1;
+  g_isa.store(isa);
+  return 0;
+}

@@ -31,7 +31,12 @@ the architecture. ``-ffp-contract=off`` keeps every float operation rounded
 once, as XLA does.
 
 Forcing the pure path: ``CMIM_JAX_FFI=0`` in the environment, or
-``export.load(path, kernel="pure")``.
+``export.load(path, kernel="pure")``. Forcing a lower variant of the kernel
+(to test or time it on a CPU that has a better one):
+``CMIM_JAX_FFI_ISA=avx2`` or ``baseline`` (``avx512``, or unset: the best
+this CPU runs), read when the kernel is loaded; :func:`use_isa` switches it
+later (it applies to already compiled programs: the variant is read on every
+call).
 """
 from __future__ import annotations
 
@@ -52,6 +57,10 @@ from cmim_jax import native
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bconv_ffi.cc")
 ENV_SWITCH = "CMIM_JAX_FFI"
+ISA_SWITCH = "CMIM_JAX_FFI_ISA"
+# The C++ variants (best first) by the number cmim_bconv_set_isa takes, and their log names.
+ISAS = {"avx512": 2, "avx2": 1, "baseline": 0}
+_ISA_LONG = {0: "baseline", 1: "avx2-popcnt", 2: "avx512-vpopcntdq"}
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-w")
 _TARGETS = {"cmim_bconv": "CmimBConv", "cmim_bconv_bn": "CmimBConvBn",
             "cmim_bconv_bn_add": "CmimBConvBnAdd"}
@@ -99,20 +108,93 @@ def build(cxx: str | None = None) -> str:
   return native.build_once(path, lambda out: _compile_command(cxx, out))
 
 
+_LIB = None  # the loaded shared object (ctypes), once _load succeeded
+
+
+def _isa_from_env() -> str | None:
+  """``CMIM_JAX_FFI_ISA``'s variant name, None when unset or "auto".
+
+  Raises:
+    ValueError: an unknown name (the message lists the valid ones).
+  """
+  value = os.environ.get(ISA_SWITCH, "").strip().lower()
+  if value in ("", "auto"):
+    return None
+  if value not in ISAS:
+    raise ValueError(f"{ISA_SWITCH}={os.environ[ISA_SWITCH]!r} is not a kernel variant: use one "
+                     f"of {', '.join(ISAS)} (or unset it for the best this CPU runs)")
+  return value
+
+
 @functools.lru_cache(maxsize=None)
-def _load() -> tuple[bool, str]:
-  """Builds, loads and registers the targets once: (ok, reason or ISA variant)."""
+def _build_and_register() -> tuple[bool, str]:
+  """Builds, loads and registers the targets once: (ok, reason if not)."""
+  global _LIB
   try:
     import ctypes
     lib = ctypes.cdll.LoadLibrary(build())
     for name, symbol in _TARGETS.items():
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-    isa = {2: "avx512-vpopcntdq", 1: "avx2-popcnt", 0: "baseline"}[lib.cmim_bconv_isa()]
-    return True, isa
+    _LIB = lib
+    return True, ""
   except Exception as e:  # pylint: disable=broad-except
     log.warning("cmim_jax.export: the C++ packed-conv kernel is not available (%s); "
                 "binary layers run the pure-JAX path.", e)
     return False, str(e)
+
+
+_ENV_APPLIED = False
+
+
+def _load() -> tuple[bool, str]:
+  """(ok, the variant in use or why the kernel is unavailable); on the first
+  successful load, applies ``CMIM_JAX_FFI_ISA``.
+
+  Raises:
+    ValueError, RuntimeError: from :func:`use_isa` for a bad ``CMIM_JAX_FFI_ISA``
+      (a variant that does not exist or that this CPU lacks: an explicit
+      request is not silently replaced by another variant).
+  """
+  global _ENV_APPLIED
+  wanted = _isa_from_env()  # an unknown name fails before any build
+  ok, why = _build_and_register()
+  if not ok:
+    return False, why
+  if not _ENV_APPLIED:
+    if wanted is not None:
+      use_isa(wanted)
+    _ENV_APPLIED = True
+  return True, _ISA_LONG[_LIB.cmim_bconv_isa()]
+
+
+def supported_isas() -> list[str]:
+  """The variants this CPU runs, best first (empty if the kernel is unavailable)."""
+  if not _build_and_register()[0]:
+    return []
+  best = _LIB.cmim_bconv_best_isa()
+  return [name for name, n in sorted(ISAS.items(), key=lambda kv: -kv[1]) if n <= best]
+
+
+def use_isa(name: str | None) -> str:
+  """Makes every kernel call from now on run variant ``name`` ("avx512",
+  "avx2", "baseline"; None: the best this CPU runs) and returns the name of
+  the one used before. All variants compute the same bits (tested).
+
+  Raises:
+    ValueError: an unknown name.
+    RuntimeError: the kernel is unavailable, or this CPU lacks the variant.
+  """
+  if name is not None and name not in ISAS:
+    raise ValueError(f"unknown kernel variant {name!r}: use one of {', '.join(ISAS)} or None")
+  ok, why = _build_and_register()
+  if not ok:
+    raise RuntimeError(f"the C++ packed-conv kernel is not available: {why}")
+  before = {n: k for k, n in ISAS.items()}[_LIB.cmim_bconv_isa()]
+  want = _LIB.cmim_bconv_best_isa() if name is None else ISAS[name]
+  if _LIB.cmim_bconv_set_isa(want) != 0:
+    raise RuntimeError(f"this CPU cannot run the {name!r} kernel variant (it runs "
+                       f"{', '.join(supported_isas())}); set {ISA_SWITCH} to one of those")
+  return before
 
 
 def available() -> bool:
