@@ -19,6 +19,11 @@ run instead) and measures, at each batch size:
   binarized kernels: the strongest float baseline), all jitted, the float
   variables passed as arguments, on normalised float32 images.
 
+``--layer_calls K`` times the per-layer rows as K calls on K different
+inputs inside one jitted program (reported per call): the fixed cost of
+launching a program from Python is then paid once per K layers, as it is
+once per model inside a compiled forward.
+
 Timing is paired: after compilation and one warm-up call each, every round
 calls every variant once, back to back, and a
 speedup is the median (and quartiles) of the per-round ratios, which a
@@ -130,6 +135,26 @@ def bconv_inputs(program, x):
   return shapes
 
 
+def _repeated(fns, k):
+  """``fns`` as programs that call each one ``k`` times on ``k`` stacked inputs.
+
+  The inputs differ, so XLA can neither hoist nor merge the calls; every
+  output is returned, so none is dropped.
+  """
+  if k == 1:
+    return fns
+  return {name: jax.jit(lambda xs, f=f: tuple(f(xs[i]) for i in range(k)))
+          for name, f in fns.items()}
+
+
+def _inputs(rng, x, k):
+  """``x`` for one call, or ``k`` inputs of its shape stacked (``x`` first)."""
+  if k == 1:
+    return x
+  more = rng.normal(size=(k - 1, *x.shape)).astype(np.float32)
+  return jnp.concatenate([x[None], jnp.asarray(more)])
+
+
 def _params_at(tree, path):
   for p in path.split("/"):
     tree = tree[p]
@@ -145,6 +170,11 @@ def main():
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--workdir", default=None, help="pack this run instead of random variables")
   p.add_argument("--no_layers", action="store_true", help="end to end only")
+  p.add_argument("--layer_calls", type=int, default=1,
+                 help="per-layer rows: K > 1 times K calls of the layer on K different inputs "
+                      "inside one jitted program (per-call time = program time / K), so the "
+                      "fixed cost of dispatching a program from Python is paid once, as inside "
+                      "a compiled model; 1 times one call per program")
   args = p.parse_args()
 
   if args.workdir:
@@ -218,7 +248,9 @@ def main():
                                  rtol=1e-5, atol=1e-4)
       if "ffi" in fns:
         np.testing.assert_array_equal(np.asarray(fns["ffi"](x)), np.asarray(fns["packed"](x)))
-      t = paired_times(fns, x, repeats=args.repeats)
+      t = paired_times(_repeated(fns, args.layer_calls),
+                       _inputs(rng, x, args.layer_calls), repeats=args.repeats)
+      t = {k: [v / args.layer_calls for v in vs] for k, vs in t.items()}
       tf, tp = statistics.median(t["float"]), statistics.median(t["packed"])
       sp = ratio_stats(t["float"], t["packed"])
       row = {"layer": layer["name"], "input": list(in_shape[1:]), "cout": layer["cout"],
@@ -316,7 +348,8 @@ def main():
       "machine": platform.machine(), "jax": jax.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-      "ffi": ffi_status, "memory": memory, "layers": layer_rows, "layer_speedup": by_batch,
+      "ffi": ffi_status, "memory": memory, "layer_calls": args.layer_calls,
+      "layers": layer_rows, "layer_speedup": by_batch,
       "end_to_end": e2e_rows}))
 
 
