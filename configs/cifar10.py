@@ -12,8 +12,9 @@ Arguments:
   are sized, not timed: 3,300 x 128 images at the 288 images/s measured for
   the training loop on the 2-core CPU is 24.4 minutes, plus start-up and
   evaluation. Measured: 57.80% on ``train[45000:]`` (seed 0; the whole
-  command 29.8 min while other jobs ran, README; 54.92% with lr 0.1). CMIM is off: in the README's CPU-budget study it
-  cost 3 points and it adds 8% or more step time;
+  command 29.8 min while other jobs ran, README; 54.92% with lr 0.1). CMIM
+  is off: in the README's CPU-budget study it cost 3 points and it adds 8%
+  or more step time;
   ``scripts/cifar10_cpu_search.md`` records the choices and the runs.
 * ``:study``: the README's CPU-budget study (``scripts/cifar10_cpu_study.sh``):
   batch 64, lr 0.05, 2,000 steps, the default objective (CE + CMIM).
