@@ -83,6 +83,29 @@ def test_layer_equals_integer_numpy_conv(isas, cin, cout, k, strides, padding, h
   np.testing.assert_array_equal(np.asarray(pure).astype(np.float32) * alpha, want)
 
 
+def test_the_handler_refuses_a_malformed_epilogue(built):
+  """One C++ handler serves the three call forms; operands that fit none of
+  them (called directly, past bconv's own checks) are refused with a reason."""
+  rng = np.random.default_rng(1)
+  cin, cout = 16, 16
+  x, _, bits, alpha = _layer_case(rng, 1, 4, 4, cin, cout, 3)
+  words = ffi.kernel_words(bits, cin)
+  vec = np.ones(cout, np.float32)
+  out = jax.ShapeDtypeStruct((1, 4, 4, cout), jnp.float32)
+  attrs = dict(cin=np.int64(cin), sh=np.int64(1), sw=np.int64(1), pt=np.int64(1), pl=np.int64(1),
+               word_bits=np.int64(16))
+  call = lambda *extra, clip=0: jax.ffi.ffi_call("cmim_bconv", out)(
+      x, words, alpha, *extra, clip=np.int64(clip), **attrs)
+  np.testing.assert_array_equal(np.asarray(call()), np.asarray(ffi.bconv(
+      x, words, alpha, cin=cin, strides=(1, 1), padding=((1, 1), (1, 1)))))
+  for extra, clip, match in [((vec, vec), 0, "mean, mul and bias"),
+                             ((vec, vec, vec), 1, "clip applies after a residual"),
+                             ((vec, vec, vec[:3]), 0, "cout entries"),
+                             ((vec, vec, vec, vec), 0, "the output's shape")]:
+    with pytest.raises(Exception, match=match):
+      jax.block_until_ready(call(*extra, clip=clip))
+
+
 def test_fused_epilogue_equals_the_pure_ops(isas):
   """BatchNorm, residual add and hardtanh in the call == the same ops in XLA, bit for bit."""
   rng = np.random.default_rng(0)

@@ -606,37 +606,32 @@ ffi::Error BConvImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   }
 }
 
-ffi::Error BConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer wt, ffi::Buffer<ffi::F32> alpha,
+// One handler for the three forms of a call: after x, the kernel words and
+// alpha come no more operands, the following BatchNorm's (mean, mul, bias),
+// or those and a residual (then `clip` applies the hardtanh).
+ffi::Error BConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer wt,
+                 ffi::Buffer<ffi::F32> alpha, ffi::RemainingArgs epilogue,
                  ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t cin, int64_t sh, int64_t sw,
-                 int64_t pt, int64_t pl, int64_t word_bits) {
-  return BConvImpl(pool, x, wt, alpha, nullptr, nullptr, nullptr, nullptr, false, out, cin, sh, sw, pt, pl, word_bits);
-}
-
-ffi::Error BConvBn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer wt, ffi::Buffer<ffi::F32> alpha,
-                   ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> mul,
-                   ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::Buffer<ffi::F32>> out,
-                   int64_t cin, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
-                   int64_t word_bits) {
-  const int64_t cout = alpha.element_count();
-  if (mean.element_count() != cout || mul.element_count() != cout || bias.element_count() != cout)
-    return ffi::Error::InvalidArgument("cmim_bconv_bn: BatchNorm vectors must have cout entries");
-  return BConvImpl(pool, x, wt, alpha, mean.typed_data(), mul.typed_data(), bias.typed_data(),
-                   nullptr, false, out, cin, sh, sw, pt, pl, word_bits);
-}
-
-ffi::Error BConvBnAdd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer wt,
-                      ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> mean,
-                      ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias,
-                      ffi::Buffer<ffi::F32> res, ffi::Result<ffi::Buffer<ffi::F32>> out,
-                      int64_t cin, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
-                      int64_t word_bits, int64_t clip) {
-  const int64_t cout = alpha.element_count();
-  if (mean.element_count() != cout || mul.element_count() != cout || bias.element_count() != cout)
-    return ffi::Error::InvalidArgument("cmim_bconv_bn_add: BatchNorm vectors must have cout entries");
-  if (res.element_count() != out->element_count())
-    return ffi::Error::InvalidArgument("cmim_bconv_bn_add: the residual must have the output's shape");
-  return BConvImpl(pool, x, wt, alpha, mean.typed_data(), mul.typed_data(), bias.typed_data(),
-                   res.typed_data(), clip != 0, out, cin, sh, sw, pt, pl, word_bits);
+                 int64_t pt, int64_t pl, int64_t word_bits, int64_t clip) {
+  const size_t n = epilogue.size();
+  if (n != 0 && n != 3 && n != 4)
+    return ffi::Error::InvalidArgument(
+        "cmim_bconv: after x, kernel and alpha pass nothing, the BatchNorm's mean, mul and bias, "
+        "or those and a residual");
+  if (clip != 0 && n != 4)
+    return ffi::Error::InvalidArgument("cmim_bconv: clip applies after a residual add");
+  const float* v[4] = {nullptr, nullptr, nullptr, nullptr};  // mean, mul, bias, residual
+  for (size_t i = 0; i < n; ++i) {
+    auto b = epilogue.get<ffi::Buffer<ffi::F32>>(i);
+    if (!b) return b.error();
+    if (b->element_count() != (i < 3 ? alpha.element_count() : out->element_count()))
+      return ffi::Error::InvalidArgument(
+          i < 3 ? "cmim_bconv: BatchNorm vectors must have cout entries"
+                : "cmim_bconv: the residual must have the output's shape");
+    v[i] = b->typed_data();
+  }
+  return BConvImpl(pool, x, wt, alpha, v[0], v[1], v[2], v[3], clip != 0, out, cin, sh, sw, pt,
+                   pl, word_bits);
 }
 
 }  // namespace
@@ -647,41 +642,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CmimBConv, BConv,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("cin")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl")
-                                  .Attr<int64_t>("word_bits"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CmimBConvBn, BConvBn,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("cin")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl")
-                                  .Attr<int64_t>("word_bits"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CmimBConvBnAdd, BConvBnAdd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("cin")
                                   .Attr<int64_t>("sh")

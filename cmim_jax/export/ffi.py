@@ -62,8 +62,7 @@ ISA_SWITCH = "CMIM_JAX_FFI_ISA"
 ISAS = {"avx512": 2, "avx2": 1, "baseline": 0}
 _ISA_LONG = {0: "baseline", 1: "avx2-popcnt", 2: "avx512-vpopcntdq"}
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-w")
-_TARGETS = {"cmim_bconv": "CmimBConv", "cmim_bconv_bn": "CmimBConvBn",
-            "cmim_bconv_bn_add": "CmimBConvBnAdd"}
+_TARGET, _SYMBOL = "cmim_bconv", "CmimBConv"
 log = logging.getLogger(__name__)
 
 
@@ -133,8 +132,7 @@ def _build_and_register() -> tuple[bool, str]:
   try:
     import ctypes
     lib = ctypes.cdll.LoadLibrary(build())
-    for name, symbol in _TARGETS.items():
-      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)), platform="cpu")
     _LIB = lib
     return True, ""
   except Exception as e:  # pylint: disable=broad-except
@@ -271,22 +269,17 @@ def bconv(x: jax.Array, words: np.ndarray, alpha: np.ndarray, *, cin: int,
   ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
   out = jax.ShapeDtypeStruct((b, ho, wo, cout), jnp.float32)
   args = [x.astype(jnp.float32), words, alpha]
-  target = "cmim_bconv"
   if bn is not None:
     args += list(bn)
-    target = "cmim_bconv_bn"
   if residual is not None:
     if bn is None:
       raise ValueError("bconv: a residual needs the BatchNorm before it (bn=...)")
     args.append(residual.astype(jnp.float32))
-    target = "cmim_bconv_bn_add"
   elif clip:
     raise ValueError("bconv: clip applies after a residual add (residual=...)")
-  attrs = dict(cin=np.int64(cin), sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt),
-               pl=np.int64(pl), word_bits=np.int64(word_bits))
-  if residual is not None:
-    attrs["clip"] = np.int64(bool(clip))
-  return jax.ffi.ffi_call(target, out)(*args, **attrs)
+  return jax.ffi.ffi_call(_TARGET, out)(
+      *args, cin=np.int64(cin), sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt),
+      pl=np.int64(pl), word_bits=np.int64(word_bits), clip=np.int64(bool(clip)))
 
 
 # --------------------------------------------------------------------------
@@ -371,7 +364,7 @@ def run_group(program, group, regs) -> jax.Array:
   if conv.get("shift") not in (None, "asd"):
     return pure(x, residual)  # Raises, naming the unknown shift.
 
-  def native(x, residual):
+  def on_cpu(x, residual):
     if conv.get("shift") == "asd":
       x = infer._asd(x, {"fc1": program._a(conv, "shift_fc1"),  # pylint: disable=protected-access
                          "fc2": program._a(conv, "shift_fc2")})  # pylint: disable=protected-access
@@ -384,5 +377,5 @@ def run_group(program, group, regs) -> jax.Array:
                  residual=residual, clip="hardtanh" in ops)
 
   if residual is None:
-    return jax.lax.platform_dependent(x, None, cpu=native, default=pure)
-  return jax.lax.platform_dependent(x, residual, cpu=native, default=pure)
+    return jax.lax.platform_dependent(x, None, cpu=on_cpu, default=pure)
+  return jax.lax.platform_dependent(x, residual, cpu=on_cpu, default=pure)
