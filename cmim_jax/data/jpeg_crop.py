@@ -70,7 +70,7 @@ def _build(path: str):
 
 
 def _load():
-  """The shim's function, building it if needed; raises OSError if not."""
+  """The shim's library, building it if needed; raises OSError if not."""
   if os.environ.get('CMIM_JPEG_CROP', '1') == '0':
     raise OSError('disabled by CMIM_JPEG_CROP=0')
   sha = hashlib.sha256()
@@ -82,10 +82,10 @@ def _load():
     _build(path)
   lib = ctypes.CDLL(path)
   c_int, c_ptr, c_long = ctypes.c_int, ctypes.c_void_p, ctypes.c_long
-  fn = lib.cmim_jpeg_crop
-  fn.restype = c_int
-  fn.argtypes = ([ctypes.c_char_p, ctypes.c_ulong] + [c_int] * 8 +
-                 [c_ptr, c_long, c_ptr, ctypes.c_char_p, c_int])
+  lib.cmim_jpeg_crop.restype = c_int
+  lib.cmim_jpeg_crop.argtypes = (
+      [ctypes.c_char_p, ctypes.c_ulong] + [c_int] * 8 +
+      [c_ptr, c_long, c_ptr, ctypes.c_char_p, c_int])
   lib.cmim_jpeg_crop_resize.restype = c_int
   lib.cmim_jpeg_crop_resize.argtypes = (
       [ctypes.c_char_p, ctypes.c_ulong] + [c_int] * 8 +
@@ -96,28 +96,48 @@ def _load():
                                 [c_ptr, c_int, c_int, c_int, c_ptr, c_long,
                                  c_int])
   lib.cmim_resample_simd_level.restype = c_int
-  _state['lib'] = lib
-  return fn
+  return lib
 
 
-def _function():
-  if 'fn' not in _state:
+def _library():
+  """The loaded shim (once a process), or None with the reason kept."""
+  if 'lib' not in _state:
     try:
-      _state['fn'], _state['reason'] = _load(), ''
+      _state['lib'], _state['reason'] = _load(), ''
     except (OSError, subprocess.SubprocessError) as e:
-      _state['fn'], _state['reason'] = None, str(e)
-  return _state['fn']
+      _state['lib'], _state['reason'] = None, str(e)
+  return _state['lib']
+
+
+def _lib():
+  lib = _library()
+  if lib is None:
+    raise Fallback(_state['reason'])
+  return lib
 
 
 def available() -> bool:
   """Whether the shim is built (or could be built now) and loads."""
-  return _function() is not None
+  return _library() is not None
 
 
 def unavailable_reason() -> str:
   """Why ``available()`` is False ('' when it is True)."""
-  _function()
+  _library()
   return _state['reason']
+
+
+def _decode(fn, data: bytes, *args):
+  """``fn(data, len(data), *args, err, err_len)``, a shim entry point that
+  decodes ``data``; raises Fallback with the shim's message if it declines."""
+  if not data.endswith(b'\xff\xd9'):
+    # A truncated file: the window may lie in the part that is there, but
+    # Pillow refuses the file, so the run does too (or skips it).
+    raise Fallback('no end-of-image marker (truncated file?)')
+  err = ctypes.create_string_buffer(_ERR_LEN)
+  status = fn(data, len(data), *args, err, _ERR_LEN)
+  if status:
+    raise Fallback(err.value.decode(errors='replace') or f'status {status}')
 
 
 def decode_window(data: bytes, *, denom: int, scaled_size, channels: int,
@@ -142,38 +162,24 @@ def decode_window(data: bytes, *, denom: int, scaled_size, channels: int,
   Raises:
     Fallback: the shim declined the file (see ``Fallback``).
   """
-  fn = _function()
-  if fn is None:
-    raise Fallback(_state['reason'])
-  if not data.endswith(b'\xff\xd9'):
-    # A truncated file: the window may lie in the part that is there, but
-    # Pillow refuses the file, so the run does too (or skips it).
-    raise Fallback('no end-of-image marker (truncated file?)')
+  lib = _lib()
   x, y, w, h = window
   width, height = scaled_size
   # np.empty: the pages outside the window are never written or read.
   canvas = np.empty((height, width, channels) if channels > 1 else
                     (height, width), np.uint8)
   info = np.zeros(2, np.int32)
-  err = ctypes.create_string_buffer(_ERR_LEN)
-  status = fn(data, len(data), denom, width, height, channels, x, y, w, h,
-              canvas.ctypes.data, canvas.strides[0], info.ctypes.data, err,
-              _ERR_LEN)
-  if status:
-    raise Fallback(err.value.decode(errors='replace') or f'status {status}')
+  _decode(lib.cmim_jpeg_crop, data, denom, width, height, channels, x, y, w,
+          h, canvas.ctypes.data, canvas.strides[0], info.ctypes.data)
   return canvas, int(info[0]), int(info[1])
 
 
-def _lib():
-  if _function() is None:
-    raise Fallback(_state['reason'])
-  return _state['lib']
-
-
-def _simd_default() -> int:
+def _simd(simd) -> int:
   # CMIM_RESAMPLE_SIMD=0/1/2 caps the kernels (scalar/SSE4.1/AVX2), e.g. to
   # compare them; unset: the best the CPU runs.
-  return int(os.environ.get('CMIM_RESAMPLE_SIMD', '-1'))
+  if simd is None:
+    return int(os.environ.get('CMIM_RESAMPLE_SIMD', '-1'))
+  return simd
 
 
 def simd_level() -> int:
@@ -228,8 +234,7 @@ def resize(src, box, size: int, *, flip=False, origin=(0, 0),
   status = lib.cmim_resample(
       src.ctypes.data, src.strides[0], channels, width, height, origin[0],
       origin[1], src.shape[1], src.shape[0], b.ctypes.data, size, size,
-      int(flip), out.ctypes.data, out.strides[0],
-      _simd_default() if simd is None else simd)
+      int(flip), out.ctypes.data, out.strides[0], _simd(simd))
   if status:
     raise Fallback(f'resample status {status}')
   return out
@@ -249,19 +254,13 @@ def decode_resize(data: bytes, *, denom: int, scaled_size, channels: int,
       reads outside ``window``.
   """
   lib = _lib()
-  if not data.endswith(b'\xff\xd9'):
-    raise Fallback('no end-of-image marker (truncated file?)')
   x, y, w, h = window
   width, height = scaled_size
   out = _output(out, size)
   b = np.asarray(box, np.float32)
-  err = ctypes.create_string_buffer(_ERR_LEN)
-  status = lib.cmim_jpeg_crop_resize(
-      data, len(data), denom, width, height, channels, x, y, w, h,
-      b.ctypes.data, size, size, int(flip), out.ctypes.data, out.strides[0],
-      _simd_default() if simd is None else simd, err, _ERR_LEN)
-  if status:
-    raise Fallback(err.value.decode(errors='replace') or f'status {status}')
+  _decode(lib.cmim_jpeg_crop_resize, data, denom, width, height, channels, x,
+          y, w, h, b.ctypes.data, size, size, int(flip), out.ctypes.data,
+          out.strides[0], _simd(simd))
   return out
 
 
