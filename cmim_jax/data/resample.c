@@ -8,10 +8,11 @@
  *   float difference); weights are normalised to sum 1, then rounded to
  *   fixed point with 22 fraction bits (32 - 8 bits of output - 2 of
  *   headroom) away from zero;
- * - two passes, horizontal first, each summing pixel * weight in int32 from
- *   half of one unit, shifting out the 22 bits and clamping to 0..255 (the
- *   intermediate image is uint8, as Pillow's is); the horizontal pass runs
- *   over only the rows the vertical one reads.
+ * - two passes, in Pillow's order (see cmim_resample), each summing
+ *   pixel * weight in int32 from half of one unit, shifting out the 22 bits
+ *   and clamping to 0..255 (the intermediate image is uint8, as Pillow's
+ *   is); the first pass runs over only the rows (or columns) the second
+ *   one reads.
  *
  * Integer sums are exact, so any order (scalar, SSE4.1, AVX2) gives the same
  * bits. The coefficients are plain double code, compiled without FMA
@@ -136,7 +137,8 @@ __attribute__((target("sse4.1"))) static void hrow4_sse41(
 
 /* 4 channels, two output pixels per register (AVX2): the pair shares a
  * loop over the longer tap list; the shorter one's extra weights are the
- * zero padding, and its extra reads stay inside the row (see hrow4). */
+ * zero padding, and its extra reads must stay inside the row: from the
+ * first pair that would read past `in_w` on, hrow4_sse41 does the rest. */
 __attribute__((target("avx2"))) static void hrow4_avx2(
     const uint8_t *in, int in_w, const struct taps *t, int n, uint8_t *out) {
   int i = 0, j;
