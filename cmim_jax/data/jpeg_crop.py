@@ -57,7 +57,7 @@ def _cache_dir() -> str:
 
 
 def _build(path: str):
-  """Compiles the shim to ``path`` (once, atomically: :func:`native.build_once`)."""
+  """Compiles the shim to ``path``, once (:func:`native.build_once`)."""
   cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
   if not cc:
     raise OSError('no C compiler (cc/gcc) on PATH')
