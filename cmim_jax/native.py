@@ -2,11 +2,13 @@
 
 The packed-conv XLA FFI kernel (``export/ffi.py``) and the partial JPEG
 decoder (``data/jpeg_crop.py``) are compiled on the user's machine the first
-time they are needed, into ``$XDG_CACHE_HOME/cmim_jax`` (default
-``~/.cache/cmim_jax``), under a name keyed by what was compiled. Several
-processes may start at once (xdist workers, data-loader workers, hosts), so a
-build holds a file lock and appears atomically: a reader sees no file or a
-whole one.
+time they are needed, each into its own sub folder (``ffi``, ``jpeg_crop``)
+of one cache root, under a name keyed by what was compiled; JAX's compilation
+cache (``xla_tuning.py``) is the ``jax_cache`` sub folder. The root is
+``$CMIM_JAX_CACHE``, else ``$XDG_CACHE_HOME/cmim_jax``, else
+``~/.cache/cmim_jax``. Several processes may start at once (xdist workers,
+data-loader workers, hosts), so a build holds a file lock and appears
+atomically: a reader sees no file or a whole one.
 """
 
 from __future__ import annotations
@@ -14,14 +16,43 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import warnings
 from typing import Callable, Mapping, Sequence
 
 
-def user_cache_dir(*parts: str, environ: Mapping[str, str] | None = None) -> str:
-  """``$XDG_CACHE_HOME/cmim_jax/PARTS`` (``~/.cache`` when XDG_CACHE_HOME is unset)."""
+ENV = "CMIM_JAX_CACHE"
+# Deprecated: each names one sub folder itself (they predate CMIM_JAX_CACHE).
+# Still honoured, ahead of CMIM_JAX_CACHE as the more specific setting, so
+# that set-ups using them keep their caches.
+DEPRECATED_ENV = {"ffi": "CMIM_JAX_FFI_CACHE", "jpeg_crop": "CMIM_CACHE_DIR"}
+
+
+def user_cache_dir(sub: str, *, environ: Mapping[str, str] | None = None) -> str:
+  """The cache folder for one kind of build: ``ROOT/SUB``.
+
+  ``ROOT`` is ``$CMIM_JAX_CACHE``, else ``$XDG_CACHE_HOME/cmim_jax``, else
+  ``~/.cache/cmim_jax``.
+
+  Deprecated aliases, each replacing its own sub folder (not the root), kept
+  so that existing set-ups do not break: ``$CMIM_JAX_FFI_CACHE`` is the
+  ``ffi`` folder, ``$CMIM_CACHE_DIR`` the ``jpeg_crop`` folder. Set
+  ``CMIM_JAX_CACHE`` instead.
+
+  Args:
+    sub: the sub folder (``ffi``, ``jpeg_crop``, ``jax_cache``).
+    environ: the environment to read (default ``os.environ``).
+  """
   environ = os.environ if environ is None else environ
-  base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "cmim_jax", *parts)
+  old = DEPRECATED_ENV.get(sub)
+  if old and environ.get(old):
+    warnings.warn(f"${old} is deprecated: set ${ENV} (the folder holding "
+                  f"'{sub}' and the other caches) instead.", DeprecationWarning,
+                  stacklevel=2)
+    return os.path.expanduser(environ[old])
+  root = environ.get(ENV) or os.path.join(
+      environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+      "cmim_jax")
+  return os.path.join(os.path.expanduser(root), sub)
 
 
 def build_once(path: str, command: Callable[[str], Sequence[str]], *, timeout: float = 600,

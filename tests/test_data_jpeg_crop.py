@@ -8,6 +8,7 @@ tests/test_data_decode.py covers either way.
 """
 
 import io
+import os
 import numpy as np
 import pytest
 from PIL import Image
@@ -150,14 +151,15 @@ def test_unbuildable_shim_falls_back_to_pillow(why, tmp_path, monkeypatch):
   CMIM_JPEG_CROP=0: the shim reports why, and decode_crop still works
   (through Pillow)."""
   monkeypatch.setattr(jpeg_crop, '_state', {})  # Forget the loaded shim.
-  monkeypatch.setenv('CMIM_CACHE_DIR', str(tmp_path))
+  monkeypatch.delenv('CMIM_CACHE_DIR', raising=False)
+  monkeypatch.setenv('CMIM_JAX_CACHE', str(tmp_path))
   monkeypatch.setenv('CC', str(tmp_path / 'no-such-cc'))
   if why == 'disabled':
     monkeypatch.setenv('CMIM_JPEG_CROP', '0')
   assert not jpeg_crop.available()
   assert ('no-such-cc' if why == 'no compiler' else 'CMIM_JPEG_CROP=0') in (
       jpeg_crop.unavailable_reason())
-  assert not list(tmp_path.glob('*.so'))
+  assert not list(tmp_path.rglob('*.so'))
   data = encode(photo(np.random.default_rng(3), 40, 50), quality=90)
   out = decode.decode_crop(data, 'x', size=16, rng=np.random.default_rng(0))
   assert out.shape == (16, 16, 3)
@@ -173,10 +175,12 @@ def test_the_shim_is_built_once_into_the_cache(tmp_path, monkeypatch):
     pytest.skip(f'jpeg_crop shim unavailable: '
                 f'{jpeg_crop.unavailable_reason()}')
   monkeypatch.setattr(jpeg_crop, '_state', {})
-  monkeypatch.setenv('CMIM_CACHE_DIR', str(tmp_path))
+  monkeypatch.delenv('CMIM_CACHE_DIR', raising=False)
+  monkeypatch.setenv('CMIM_JAX_CACHE', str(tmp_path))
   assert jpeg_crop.available(), jpeg_crop.unavailable_reason()
-  built = list(tmp_path.glob('jpeg_crop-*.so'))
-  assert len(built) == 1
+  built = list(tmp_path.glob('jpeg_crop/jpeg_crop-*.so'))
+  assert built == [tmp_path / 'jpeg_crop' / os.path.basename(
+      jpeg_crop.library_path())]
   monkeypatch.setattr(jpeg_crop, '_state', {})
   monkeypatch.setenv('CC', str(tmp_path / 'no-such-cc'))
   assert jpeg_crop.available(), jpeg_crop.unavailable_reason()

@@ -235,7 +235,8 @@ def test_isa_switch_is_applied_on_load_and_bad_names_fail(isas, monkeypatch):
 
 def test_missing_compiler_fails_with_its_name_and_auto_falls_back(monkeypatch, tmp_path):
   monkeypatch.delenv(ffi.ENV_SWITCH, raising=False)
-  monkeypatch.setenv("CMIM_JAX_FFI_CACHE", str(tmp_path))
+  monkeypatch.delenv("CMIM_JAX_FFI_CACHE", raising=False)
+  monkeypatch.setenv("CMIM_JAX_CACHE", str(tmp_path))
   with pytest.raises(RuntimeError, match="no-such-c[+][+]"):
     ffi.build("no-such-c++")
   assert not os.listdir(tmp_path)

@@ -23,8 +23,10 @@ once a process; if another Pillow rounds differently, ``decode.py`` lets
 Pillow resize the decoded window (``CMIM_JPEG_RESIZE=0`` does so too).
 ``CMIM_RESAMPLE_SIMD=0/1/2`` caps the kernels (scalar, SSE4.1, AVX2).
 
-Cache folder: ``$CMIM_CACHE_DIR`` or ``$XDG_CACHE_HOME/cmim_jax`` or
-``~/.cache/cmim_jax``.
+Cache folder (:func:`library_path`): ``jpeg_crop`` under ``$CMIM_JAX_CACHE``
+or ``$XDG_CACHE_HOME/cmim_jax`` or ``~/.cache/cmim_jax``
+(:func:`cmim_jax.native.user_cache_dir`); ``$CMIM_CACHE_DIR``, deprecated,
+still replaces that folder.
 """
 
 from __future__ import annotations
@@ -52,8 +54,16 @@ class Fallback(Exception):
   decode it with Pillow, which decides what it is."""
 
 
-def _cache_dir() -> str:
-  return os.environ.get('CMIM_CACHE_DIR') or native.user_cache_dir()
+def library_path() -> str:
+  """Where the shim built from the current sources is cached (it may not
+  exist yet): ``native.user_cache_dir('jpeg_crop')``, named by the sources'
+  hash."""
+  sha = hashlib.sha256()
+  for source in _SOURCES:
+    with open(source, 'rb') as fh:
+      sha.update(fh.read())
+  return os.path.join(native.user_cache_dir('jpeg_crop'),
+                      f'jpeg_crop-{sha.hexdigest()[:16]}.so')
 
 
 def _build(path: str):
@@ -73,11 +83,7 @@ def _load():
   """The shim's library, building it if needed; raises OSError if not."""
   if os.environ.get('CMIM_JPEG_CROP', '1') == '0':
     raise OSError('disabled by CMIM_JPEG_CROP=0')
-  sha = hashlib.sha256()
-  for source in _SOURCES:
-    with open(source, 'rb') as fh:
-      sha.update(fh.read())
-  path = os.path.join(_cache_dir(), f'jpeg_crop-{sha.hexdigest()[:16]}.so')
+  path = library_path()
   if not os.path.exists(path):
     _build(path)
   lib = ctypes.CDLL(path)

@@ -10,7 +10,7 @@ integer and the same float operations as :func:`cmim_jax.export.infer.xnor_conv`
 and the program's BatchNorm, so the logits are equal bit for bit (tested).
 
 Building: lazily, on first use, with the system's ``g++`` (``$CXX``) into a
-cache directory (``$CMIM_JAX_FFI_CACHE``, default
+cache directory (:func:`cache_dir`: ``$CMIM_JAX_CACHE/ffi``, default
 ``$XDG_CACHE_HOME/cmim_jax/ffi`` or ``~/.cache/cmim_jax/ffi``) under a name
 keyed by the hash of the source, the compile command, the jaxlib version
 and the machine, under a file lock, written to a temporary name and renamed
@@ -72,8 +72,8 @@ def disabled_by_env() -> bool:
 
 
 def cache_dir() -> str:
-  if os.environ.get("CMIM_JAX_FFI_CACHE"):
-    return os.environ["CMIM_JAX_FFI_CACHE"]
+  """The kernel's cache folder, :func:`cmim_jax.native.user_cache_dir` ``("ffi")``
+  (``$CMIM_JAX_CACHE/ffi``; ``$CMIM_JAX_FFI_CACHE``, deprecated, still replaces it)."""
   return native.user_cache_dir("ffi")
 
 
