@@ -145,25 +145,30 @@ def test_files_the_shim_declines_go_through_pillow():
                             channels=4, window=(0, 0, 90, 120))
 
 
-@pytest.mark.parametrize('why', ['no compiler', 'disabled'])
+@pytest.mark.parametrize('why', ['no compiler', 'none on PATH', 'disabled'])
 def test_unbuildable_shim_falls_back_to_pillow(why, tmp_path, monkeypatch):
-  """No compiler (CC names a missing one) and an empty cache, or
-  CMIM_JPEG_CROP=0: the shim reports why, and decode_crop still works
-  (through Pillow)."""
+  """No compiler (CC names a missing one, or CC unset and none on PATH) and
+  an empty cache, or CMIM_JPEG_CROP=0: the shim reports why, and decode_crop
+  still works (through Pillow)."""
   monkeypatch.setattr(jpeg_crop, '_state', {})  # Forget the loaded shim.
   monkeypatch.delenv('CMIM_CACHE_DIR', raising=False)
   monkeypatch.setenv('CMIM_JAX_CACHE', str(tmp_path))
-  monkeypatch.setenv('CC', str(tmp_path / 'no-such-cc'))
+  if why == 'none on PATH':
+    monkeypatch.delenv('CC', raising=False)
+    monkeypatch.setenv('PATH', str(tmp_path / 'empty'))
+  else:
+    monkeypatch.setenv('CC', str(tmp_path / 'no-such-cc'))
   if why == 'disabled':
     monkeypatch.setenv('CMIM_JPEG_CROP', '0')
   assert not jpeg_crop.available()
-  assert ('no-such-cc' if why == 'no compiler' else 'CMIM_JPEG_CROP=0') in (
-      jpeg_crop.unavailable_reason())
+  assert {'no compiler': 'no-such-cc', 'none on PATH': 'no C compiler',
+          'disabled': 'CMIM_JPEG_CROP=0'}[why] in jpeg_crop.unavailable_reason()
   assert not list(tmp_path.rglob('*.so'))
   data = encode(photo(np.random.default_rng(3), 40, 50), quality=90)
   out = decode.decode_crop(data, 'x', size=16, rng=np.random.default_rng(0))
   assert out.shape == (16, 16, 3)
-  with pytest.raises(jpeg_crop.Fallback, match='no-such-cc|CMIM_JPEG_CROP'):
+  with pytest.raises(jpeg_crop.Fallback,
+                     match='no-such-cc|no C compiler|CMIM_JPEG_CROP'):
     jpeg_crop.decode_window(data, denom=1, scaled_size=(50, 40), channels=4,
                             window=(0, 0, 50, 40))
 
@@ -181,6 +186,12 @@ def test_the_shim_is_built_once_into_the_cache(tmp_path, monkeypatch):
   built = list(tmp_path.glob('jpeg_crop/jpeg_crop-*.so'))
   assert built == [tmp_path / 'jpeg_crop' / os.path.basename(
       jpeg_crop.library_path())]
+  # No compiler, named by CC or on PATH: the cached build still loads.
   monkeypatch.setattr(jpeg_crop, '_state', {})
   monkeypatch.setenv('CC', str(tmp_path / 'no-such-cc'))
   assert jpeg_crop.available(), jpeg_crop.unavailable_reason()
+  monkeypatch.setattr(jpeg_crop, '_state', {})
+  monkeypatch.delenv('CC')
+  monkeypatch.setenv('PATH', str(tmp_path / 'empty'))
+  assert jpeg_crop.available(), jpeg_crop.unavailable_reason()
+  assert list(tmp_path.rglob('*.so')) == built

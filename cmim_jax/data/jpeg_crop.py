@@ -66,26 +66,27 @@ def library_path() -> str:
                       f'jpeg_crop-{sha.hexdigest()[:16]}.so')
 
 
-def _build(path: str):
-  """Compiles the shim to ``path``, once (:func:`native.build_once`)."""
-  cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
-  if not cc:
-    raise OSError('no C compiler (cc/gcc) on PATH')
-  # -ffp-contract=off: no fused multiply-adds in the filter weights' double
-  # arithmetic (Pillow's are computed without), so they round alike.
-  native.build_once(
-      path, lambda out: [cc, '-O2', '-ffp-contract=off', '-shared', '-fPIC',
-                         '-o', out, *_SOURCES[:2], '-ljpeg'],
-      timeout=120, error=OSError)
+def _build(path: str) -> str:
+  """Compiles the shim to ``path`` unless it is there (:func:`native.build_once`
+  checks); returns ``path``."""
+  def command(out):
+    # Looked up only when a build is needed: a cached shim loads on a machine
+    # without a compiler.
+    cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
+    if not cc:
+      raise OSError('no C compiler (cc/gcc) on PATH')
+    # -ffp-contract=off: no fused multiply-adds in the filter weights' double
+    # arithmetic (Pillow's are computed without), so they round alike.
+    return [cc, '-O2', '-ffp-contract=off', '-shared', '-fPIC', '-o', out,
+            *_SOURCES[:2], '-ljpeg']
+  return native.build_once(path, command, timeout=120, error=OSError)
 
 
 def _load():
   """The shim's library, building it if needed; raises OSError if not."""
   if os.environ.get('CMIM_JPEG_CROP', '1') == '0':
     raise OSError('disabled by CMIM_JPEG_CROP=0')
-  path = library_path()
-  if not os.path.exists(path):
-    _build(path)
+  path = _build(library_path())
   lib = ctypes.CDLL(path)
   c_int, c_ptr, c_long = ctypes.c_int, ctypes.c_void_p, ctypes.c_long
   lib.cmim_jpeg_crop.restype = c_int
