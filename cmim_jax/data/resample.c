@@ -17,8 +17,8 @@
  * Integer sums are exact, so any order (scalar, SSE4.1, AVX2) gives the same
  * bits. The coefficients are plain double code, compiled without FMA
  * contraction (-ffp-contract=off, no -mfma) as Pillow's are. The SIMD
- * kernels are chosen at run time (__builtin_cpu_supports); simd=0 forces
- * the scalar code (the tests compare both).
+ * kernels are chosen at run time (__builtin_cpu_supports, asked once a
+ * process); simd=0 forces the scalar code (the tests compare both).
  *
  * Built with jpeg_crop.c into one library by cmim_jax/data/jpeg_crop.py.
  */
@@ -99,12 +99,16 @@ static inline uint8_t clamp8(int32_t s) {
 
 /* ------------------------------------------------------ horizontal pass */
 
-/* One row: out[i * ch + c] from in (the image row, at pixel 0). */
-static void hrow_scalar(const uint8_t *in, int ch, const struct taps *t,
-                        int n, uint8_t *out) {
+/* The horizontal kernels read a row `in` that starts at the image's pixel
+ * `org` (org <= every t->first[i]): pixel f is in[(f - org) * ch], an index,
+ * so no pointer is formed before the row (undefined in C even unread). */
+
+/* One row: out[i * ch + c]. */
+static void hrow_scalar(const uint8_t *in, int org, int ch,
+                        const struct taps *t, int n, uint8_t *out) {
   int i, j, c;
   for (i = 0; i < n; i++) {
-    const uint8_t *p = in + (size_t)t->first[i] * ch;
+    const uint8_t *p = in + (size_t)(t->first[i] - org) * ch;
     const int32_t *w = t->w + (size_t)i * t->ksize;
     for (c = 0; c < ch; c++) {
       int32_t s = 1 << (FRAC_BITS - 1);
@@ -116,10 +120,10 @@ static void hrow_scalar(const uint8_t *in, int ch, const struct taps *t,
 
 /* 4 channels: one pixel's RGBX in the four lanes of one register. */
 __attribute__((target("sse4.1"))) static void hrow4_sse41(
-    const uint8_t *in, const struct taps *t, int n, uint8_t *out) {
+    const uint8_t *in, int org, const struct taps *t, int n, uint8_t *out) {
   int i, j;
   for (i = 0; i < n; i++) {
-    const uint8_t *p = in + (size_t)t->first[i] * 4;
+    const uint8_t *p = in + (size_t)(t->first[i] - org) * 4;
     const int32_t *w = t->w + (size_t)i * t->ksize;
     __m128i s = _mm_set1_epi32(1 << (FRAC_BITS - 1));
     int32_t px;
@@ -138,9 +142,11 @@ __attribute__((target("sse4.1"))) static void hrow4_sse41(
 /* 4 channels, two output pixels per register (AVX2): the pair shares a
  * loop over the longer tap list; the shorter one's extra weights are the
  * zero padding, and its extra reads must stay inside the row: from the
- * first pair that would read past `in_w` on, hrow4_sse41 does the rest. */
+ * first pair that would read up to pixel `end` (exclusive) or past it on,
+ * hrow4_sse41 does the rest. */
 __attribute__((target("avx2"))) static void hrow4_avx2(
-    const uint8_t *in, int in_w, const struct taps *t, int n, uint8_t *out) {
+    const uint8_t *in, int org, int end, const struct taps *t, int n,
+    uint8_t *out) {
   int i = 0, j;
   for (; i + 1 < n; i += 2) {
     int f0 = t->first[i], f1 = t->first[i + 1];
@@ -149,10 +155,10 @@ __attribute__((target("avx2"))) static void hrow4_avx2(
     __m256i s = _mm256_set1_epi32(1 << (FRAC_BITS - 1));
     __m128i r;
     int32_t a, b;
-    if (f0 + c > in_w || f1 + c > in_w || c > t->ksize) break;
+    if (f0 + c > end || f1 + c > end || c > t->ksize) break;
     for (j = 0; j < c; j++) {
-      memcpy(&a, in + (size_t)(f0 + j) * 4, 4);
-      memcpy(&b, in + (size_t)(f1 + j) * 4, 4);
+      memcpy(&a, in + (size_t)(f0 - org + j) * 4, 4);
+      memcpy(&b, in + (size_t)(f1 - org + j) * 4, 4);
       s = _mm256_add_epi32(s, _mm256_mullo_epi32(
           _mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, b, a)),
           _mm256_setr_epi32(w0[j], w0[j], w0[j], w0[j], w1[j], w1[j], w1[j],
@@ -168,7 +174,7 @@ __attribute__((target("avx2"))) static void hrow4_avx2(
     rest.first += i;
     rest.count += i;
     rest.w += (size_t)i * t->ksize;
-    hrow4_sse41(in, &rest, n - i, out + i * 4);
+    hrow4_sse41(in, org, &rest, n - i, out + i * 4);
   }
 }
 
@@ -230,24 +236,33 @@ __attribute__((target("sse4.1"))) static void vrow_sse41(
   if (x < len) vrow_scalar(in + x, stride, w, count, len - x, out + x);
 }
 
+/* Asked once a process, on first use: -1 until then. Threads that race on
+ * the first use compute the same value; the atomics make that race
+ * well-defined. */
+static int simd_level = -1;
+
 int cmim_resample_simd_level(void) {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) return 2;
-  if (__builtin_cpu_supports("sse4.1")) return 1;
-  return 0;
+  int level = __atomic_load_n(&simd_level, __ATOMIC_RELAXED);
+  if (level < 0) {
+    __builtin_cpu_init();
+    level = __builtin_cpu_supports("avx2")     ? 2
+            : __builtin_cpu_supports("sse4.1") ? 1
+                                               : 0;
+    __atomic_store_n(&simd_level, level, __ATOMIC_RELAXED);
+  }
+  return level;
 }
 
 /* One row of the horizontal pass, by the best kernel `level` allows.
- * `row` points at the image's pixel 0 of the row; pixels up to `end`
- * (exclusive) may be read. */
-static void hrow(const uint8_t *row, int ch, int end, const struct taps *t,
-                 int n, int level, uint8_t *out) {
+ * `row` holds the image's pixels `org` .. `end` - 1 of the row. */
+static void hrow(const uint8_t *row, int org, int end, int ch,
+                 const struct taps *t, int n, int level, uint8_t *out) {
   if (ch == 4 && level >= 2)
-    hrow4_avx2(row, end, t, n, out);
+    hrow4_avx2(row, org, end, t, n, out);
   else if (ch == 4 && level >= 1)
-    hrow4_sse41(row, t, n, out);
+    hrow4_sse41(row, org, t, n, out);
   else
-    hrow_scalar(row, ch, t, n, out);
+    hrow_scalar(row, org, ch, t, n, out);
 }
 
 static void vrow(const uint8_t *in, long stride, const int32_t *w, int count,
@@ -316,8 +331,8 @@ int cmim_resample(const uint8_t *src, long src_stride, int ch, int in_w,
       goto done;
     }
     for (i = y0; i < y1; i++)
-      hrow(src + (size_t)(i - ry) * src_stride - (long)rx * ch, ch, rx + rw,
-           &tx, out_w, level, tmp + (size_t)(i - y0) * ts);
+      hrow(src + (size_t)(i - ry) * src_stride, rx, rx + rw, ch, &tx, out_w,
+           level, tmp + (size_t)(i - y0) * ts);
     for (i = 0; i < out_h; i++) {
       vrow(tmp + (size_t)(ty.first[i] - y0) * ts, ts,
            ty.w + (size_t)i * ty.ksize, ty.count[i], (int)ts, level, line);
@@ -337,7 +352,7 @@ int cmim_resample(const uint8_t *src, long src_stride, int ch, int in_w,
                (size_t)(x0 - rx) * ch,
            src_stride, ty.w + (size_t)i * ty.ksize, ty.count[i], (int)ts,
            level, t);
-      hrow(t - (long)x0 * ch, ch, x1, &tx, out_w, level, line);
+      hrow(t, x0, x1, ch, &tx, out_w, level, line);
       to_rgb(line, ch, out_w, flip, out + (size_t)i * out_stride);
     }
   }
