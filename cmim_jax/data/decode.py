@@ -59,6 +59,13 @@ _BILINEAR_SUPPORT = 1.0
 _MARGIN = 2
 
 
+def shim_channels(mode: str) -> int:
+  """The channels the JPEG shim decodes a file of Pillow ``mode`` (one of
+  ``_RESIZE_THEN_CONVERT``) to: 4 for RGB (as RGBX, Pillow's own layout), 1
+  for L."""
+  return 4 if mode == 'RGB' else 1
+
+
 class CorruptImageError(ValueError):
   """An image could not be decoded (the message names it and the fix)."""
 
@@ -121,7 +128,7 @@ def partial_decode(data, mode, denom, scaled_size, box, size):
   Raises:
     jpeg_crop.Fallback: the shim declined the file.
   """
-  channels = 4 if mode == 'RGB' else 1
+  channels = shim_channels(mode)
   canvas, _, _ = _jpeg_crop.decode_window(
       data, denom=denom, scaled_size=scaled_size, channels=channels,
       window=read_window(box, scaled_size, size))
@@ -192,7 +199,7 @@ def decode_crop(data, where: str, *, size: int, rng=None,
             # Decode and resize in one C call, into `out`.
             return _jpeg_crop.decode_resize(
                 bytes(data), denom=denom, scaled_size=scaled,
-                channels=4 if im.mode == 'RGB' else 1,
+                channels=shim_channels(im.mode),
                 window=read_window(box, scaled, size), box=box, size=size,
                 flip=flip, out=out)
           src = partial_decode(bytes(data), im.mode, denom, scaled, box,
