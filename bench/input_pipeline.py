@@ -53,7 +53,11 @@ load on a shared machine moves them less). Each rate is also given without the l
   it (Pillow's arithmetic, SIMD) in one call; same output as
   ``stream_pil`` and ``stream_pillow_resize``.
 * ``window_decode_only``: ``stream``'s decode alone, without the resize:
-  what the partial decode costs; the rest of ``stream`` is the resize.
+  the same header read, window and scale, decoded into the same packed
+  buffer of the window's columns (``jpeg_crop.decode_region``); the rest of
+  ``stream`` is the resize and the writing into the output. (Until
+  2026-12-02 it decoded into a canvas of the whole scaled image instead,
+  what ``stream_pillow_resize`` decodes: an approximation.)
 
 Then the whole streaming pipeline (``get_datasets`` + Grain workers,
 ``--workers``, batches of ``--batch-size``): images/s overall and per
@@ -325,14 +329,19 @@ def _per_image(method: str, paths: list, size: int, core: int, queue):
     os.environ['CMIM_JPEG_RESIZE'] = '0'  # This process only.
 
   def window_decode_only(data, rng):
-    # stream's decode without its resize (the same window and scale).
+    # stream's decode without its resize: the same window and scale, into
+    # the packed region buffer decode_resize decodes into.
     import io  # pylint: disable=g-import-not-at-top
+    from cmim_jax.data import jpeg_crop  # pylint: disable=g-import-not-at-top
     with Image.open(io.BytesIO(data)) as im:
       (width, height), mode = im.size, im.mode
     top, left, h, w, _ = decode.crop_window(rng, height, width, 0.875)
     denom, scaled, box = decode.scale_and_box(width, height,
                                               (top, left, h, w), size)
-    return decode.partial_decode(data, mode, denom, scaled, box, size)
+    return jpeg_crop.decode_region(
+        data, denom=denom, scaled_size=scaled,
+        channels=decode.shim_channels(mode),
+        window=decode.read_window(box, scaled, size))
 
   fn = {'pil_baseline': baseline, 'decode_only': decode_only,
         'stream_full_decode': ours(False, False),

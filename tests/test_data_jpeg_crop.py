@@ -74,6 +74,25 @@ def test_window_pixels_equal_pillows_full_decode(name, subsampling):
       np.testing.assert_array_equal(got[:, inner], want[:, inner])
       if name in ('444', 'gray'):  # No chroma upsampling: exact everywhere.
         np.testing.assert_array_equal(got, want)
+      # Without the canvas (decode_resize's buffer): the same columns.
+      region, rx0 = jpeg_crop.decode_region(
+          data, denom=denom, scaled_size=(sw, sh), channels=1 if gray else 4,
+          window=(x, y, w, h))
+      assert rx0 == x0
+      np.testing.assert_array_equal(region, canvas[y:y + h, x0:x0 + cw])
+
+
+@needs_shim
+def test_decode_region_refuses_a_buffer_too_small(monkeypatch):
+  """The C side checks the region buffer's size against libjpeg's widened
+  window (here: no room allowed for the widening, which 4:2:0's 16-pixel
+  iMCU columns need at x = 5)."""
+  data = encode(photo(np.random.default_rng(4), 40, 64), quality=90,
+                subsampling=2)
+  monkeypatch.setattr(jpeg_crop, '_MAX_WIDENING', 0)
+  with pytest.raises(jpeg_crop.Fallback, match='region buffer of 400 bytes'):
+    jpeg_crop.decode_region(data, denom=1, scaled_size=(64, 40), channels=4,
+                            window=(5, 3, 20, 5))
 
 
 @needs_shim

@@ -59,14 +59,15 @@ static void on_message(j_common_ptr cinfo, int level) {
 
 /* Decodes the window into `canvas` (rows of `stride` bytes; row y + i of
  * the image at canvas row y + i, its columns at their own place) or, with
- * canvas NULL, into a buffer of the decoded columns only, h rows of
- * info[1] * channels bytes, allocated here and returned in *region (the
+ * canvas NULL, into a region of the decoded columns only, h rows of
+ * info[1] * channels bytes: the caller's *region of region_size bytes, or,
+ * where *region is NULL, one allocated here and returned in *region (the
  * caller frees it). See cmim_jpeg_crop for the rest. */
 static int decode_rows(const unsigned char *data, unsigned long size,
                        int denom, int want_w, int want_h, int channels, int x,
                        int y, int w, int h, unsigned char *canvas, long stride,
-                       int *info, unsigned char **region, char *err,
-                       int err_len) {
+                       int *info, unsigned char **region,
+                       unsigned long region_size, char *err, int err_len) {
   struct jpeg_decompress_struct cinfo;
   struct guard g;
   volatile int status = 0;
@@ -115,17 +116,26 @@ static int decode_rows(const unsigned char *data, unsigned long size,
     if (cw < cinfo.output_width) jpeg_crop_scanline(&cinfo, &xoff, &cw);
     if (!canvas) {
       rs = (long)cw * channels; /* The widened window's columns. */
-      buf = malloc((size_t)h * (size_t)rs);
-      if (!buf) {
-        snprintf(err, (size_t)err_len, "out of memory");
-        status = 1;
+      if (*region) {
+        if ((size_t)h * (size_t)rs > region_size) {
+          snprintf(err, (size_t)err_len,
+                   "region buffer of %lu bytes < %d rows of %ld", region_size,
+                   h, rs);
+          status = 3;
+        }
+      } else {
+        buf = malloc((size_t)h * (size_t)rs);
+        if (!buf) {
+          snprintf(err, (size_t)err_len, "out of memory");
+          status = 1;
+        }
       }
     }
     if (status == 0 && y > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)y);
     for (i = 0; status == 0 && i < h; i++) {
       row = canvas ? canvas + (size_t)(y + i) * (size_t)rs +
                          (size_t)xoff * (size_t)channels
-                   : buf + (size_t)i * (size_t)rs;
+                   : (buf ? buf : *region) + (size_t)i * (size_t)rs;
       if (jpeg_read_scanlines(&cinfo, &row, 1) != 1) {
         snprintf(err, (size_t)err_len, "no scanline %d", y + i);
         status = 1;
@@ -137,7 +147,7 @@ static int decode_rows(const unsigned char *data, unsigned long size,
   if (status == 0 && g.warned) status = 2;
   /* The rows below the window are never read: abort, not finish. */
   jpeg_destroy_decompress(&cinfo);
-  if (status == 0 && region) {
+  if (status == 0 && buf) {
     *region = buf;
   } else {
     free(buf);
@@ -158,7 +168,21 @@ int cmim_jpeg_crop(const unsigned char *data, unsigned long size, int denom,
                    char *err, int err_len) {
   if (!canvas) return 3;
   return decode_rows(data, size, denom, want_w, want_h, channels, x, y, w, h,
-                     canvas, stride, info, NULL, err, err_len);
+                     canvas, stride, info, NULL, 0, err, err_len);
+}
+
+/* cmim_jpeg_crop's window, without the canvas: the decoded columns only,
+ * h rows of info[1] * channels bytes packed into `region` (region_size
+ * bytes; 3 if that is too small), as cmim_jpeg_crop_resize decodes them
+ * before it resizes. */
+int cmim_jpeg_crop_region(const unsigned char *data, unsigned long size,
+                          int denom, int want_w, int want_h, int channels,
+                          int x, int y, int w, int h, unsigned char *region,
+                          unsigned long region_size, int *info, char *err,
+                          int err_len) {
+  if (!region) return 3;
+  return decode_rows(data, size, denom, want_w, want_h, channels, x, y, w, h,
+                     NULL, 0, info, &region, region_size, err, err_len);
 }
 
 /* cmim_jpeg_crop's window, then resample.c's resize of `box` (of the scaled
@@ -175,7 +199,7 @@ int cmim_jpeg_crop_resize(const unsigned char *data, unsigned long size,
   unsigned char *region = NULL;
   int info[2] = {0, 0};
   int status = decode_rows(data, size, denom, want_w, want_h, channels, x, y,
-                           w, h, NULL, 0, info, &region, err, err_len);
+                           w, h, NULL, 0, info, &region, 0, err, err_len);
   if (status) return status;
   /* The region's columns: libjpeg's widened window (see decode_rows). */
   status = cmim_resample(region, (long)info[1] * channels, channels, want_w,

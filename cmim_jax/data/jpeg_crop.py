@@ -93,6 +93,10 @@ def _load():
   lib.cmim_jpeg_crop.argtypes = (
       [ctypes.c_char_p, ctypes.c_ulong] + [c_int] * 8 +
       [c_ptr, c_long, c_ptr, ctypes.c_char_p, c_int])
+  lib.cmim_jpeg_crop_region.restype = c_int
+  lib.cmim_jpeg_crop_region.argtypes = (
+      [ctypes.c_char_p, ctypes.c_ulong] + [c_int] * 8 +
+      [c_ptr, ctypes.c_ulong, c_ptr, ctypes.c_char_p, c_int])
   lib.cmim_jpeg_crop_resize.restype = c_int
   lib.cmim_jpeg_crop_resize.argtypes = (
       [ctypes.c_char_p, ctypes.c_ulong] + [c_int] * 8 +
@@ -179,6 +183,38 @@ def decode_window(data: bytes, *, denom: int, scaled_size, channels: int,
   _decode(lib.cmim_jpeg_crop, data, denom, width, height, channels, x, y, w,
           h, canvas.ctypes.data, canvas.strides[0], info.ctypes.data)
   return canvas, int(info[0]), int(info[1])
+
+
+# libjpeg widens a window leftwards to its iMCU column: by less than
+# max_h_samp_factor (<= 4) DCT blocks (<= 8 pixels).
+_MAX_WIDENING = 31
+
+
+def decode_region(data: bytes, *, denom: int, scaled_size, channels: int,
+                  window):
+  """:func:`decode_window`'s pixels without the canvas: only the decoded
+  columns, packed, as :func:`decode_resize` holds them before it resizes.
+
+  Args: as :func:`decode_window`.
+
+  Returns:
+    ``(region, x0)``: uint8[h, cw, channels] (``[h, cw]`` for 1 channel),
+    the image's rows ``y .. y + h - 1`` and columns ``x0 .. x0 + cw - 1``
+    (``x0 <= x``, ``x0 + cw >= x + w``, as :func:`decode_window`'s).
+
+  Raises:
+    Fallback: the shim declined the file (see ``Fallback``).
+  """
+  lib = _lib()
+  x, y, w, h = window
+  width, height = scaled_size
+  buf = np.empty(max(h, 0) * (max(w, 0) + _MAX_WIDENING) * channels, np.uint8)
+  info = np.zeros(2, np.int32)
+  _decode(lib.cmim_jpeg_crop_region, data, denom, width, height, channels, x,
+          y, w, h, buf.ctypes.data, buf.size, info.ctypes.data)
+  x0, cw = int(info[0]), int(info[1])
+  region = buf[:h * cw * channels]
+  return region.reshape((h, cw, channels) if channels > 1 else (h, cw)), x0
 
 
 def _simd(simd) -> int:
