@@ -62,7 +62,9 @@ def build_once(path: str, command: Callable[[str], Sequence[str]], *, timeout: f
   Args:
     path: the shared object to make; its name should key everything that
       changes the build (source hash, flags, versions).
-    command: ``out -> argv`` of a compiler writing ``out``.
+    command: ``out -> argv`` of a compiler writing ``out``; called only
+      when a build is needed, so that a cached build loads on a machine
+      without a compiler: look the compiler up inside it.
     timeout: seconds for the compiler.
     error: raised, with the compiler's stderr, when it fails.
   """
