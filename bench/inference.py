@@ -19,6 +19,16 @@ run instead) and measures, at each batch size:
   binarized kernels: the strongest float baseline), all jitted, the float
   variables passed as arguments, on normalised float32 images.
 
+* per binary layer inside the whole compiled forward (``--profile_rounds``,
+  default 20; bench/op_profile.py): each model is run under
+  ``jax.profiler`` and every layer's operations (its Flax module scope in the
+  float model with kernels quantized once, its ``jax.named_scope`` in the
+  packed program) are summed, median over the calls: a layer's cost with
+  no dispatch from Python and its input made by the layer before, the
+  figure the end-to-end time is made of. With the FFI kernel a layer's call
+  also applies the following BatchNorm/residual/hardtanh, which the float
+  model runs outside the conv's scope: the ratio understates the kernel.
+
 ``--layer_calls K`` times the per-layer rows as K calls on K different
 inputs inside one jitted program (reported per call): the fixed cost of
 launching a program from Python is then paid once per K layers, as it is
@@ -65,6 +75,8 @@ import numpy as np  # noqa: E402
 
 from cmim_jax import binarize, export, layers, models  # noqa: E402
 from cmim_jax.export import ffi  # noqa: E402
+
+import op_profile  # noqa: E402  (bench/, on sys.path as the script's directory)
 
 
 def random_variables(model, shape, seed=0):
@@ -135,6 +147,54 @@ def bconv_inputs(program, x):
   return shapes
 
 
+def layers_in_model(runs, bconvs, shapes, batch, rounds):
+  """Per binary layer, the time of its operations inside each whole compiled
+  forward (bench/op_profile.py): ``runs`` maps a variant name to (jitted,
+  *args). A layer's operations are those under its scope: in the float
+  model the Flax module's (the input's sign and the convolution), in the
+  packed program the layer's ``jax.named_scope`` (with the FFI kernel: the
+  one call, which also applies the BatchNorm, residual and hardtanh that
+  follow; the float model runs those outside the conv's scope, so the
+  ratio understates the kernel).
+
+  Returns:
+    one row per binary layer; prints one line each.
+  """
+  names = [l["name"] for l in bconvs]
+  times = {k: op_profile.scope_times(op_profile.op_times(f, *a, rounds=rounds), names)
+           for k, (f, *a) in runs.items()}
+  totals = "  ".join(f"{k} {t['total'] * 1e3:.3f} ms" for k, t in times.items())
+  print(f"  inside the forward, batch {batch} (sum of profiled operations: {totals}):")
+  rows = []
+  for layer in bconvs:
+    n = layer["name"]
+    row = {"layer": n, "batch": batch, "input": list(shapes[n][1:]), "cout": layer["cout"],
+           "kernel": list(layer["kernel"]), "strides": list(layer["strides"])}
+    line = f"    {n:28s} {str(row['input']):15s} -> {layer['cout']:4d}"
+    for k, t in times.items():
+      row[f"{k}_us"] = t[n] * 1e6
+      line += f"  {k} {t[n] * 1e6:9.1f} us"
+      if k != "float" and t[n] > 0:
+        row[f"{k}_speedup"] = times["float"][n] / t[n]
+        line += f" ({row[f'{k}_speedup']:5.2f}x)"
+    rows.append(row)
+    print(line, flush=True)
+  return rows
+
+
+def in_model_summary(rows):
+  """Min/median/max speedup over the binary 3x3 convs, per batch and variant."""
+  out = {}
+  for r in rows:
+    if r["kernel"] != [3, 3]:
+      continue
+    for k in ("packed", "ffi"):
+      if f"{k}_speedup" in r:
+        out.setdefault(str(r["batch"]), {}).setdefault(k, []).append(r[f"{k}_speedup"])
+  return {b: {k: {"min": min(v), "median": statistics.median(v), "max": max(v)}
+              for k, v in d.items()} for b, d in out.items()}
+
+
 def _repeated(fns, k):
   """``fns`` as programs that call each one ``k`` times on ``k`` stacked inputs.
 
@@ -175,6 +235,9 @@ def main():
                       "inside one jitted program (per-call time = program time / K), so the "
                       "fixed cost of dispatching a program from Python is paid once, as inside "
                       "a compiled model; 1 times one call per program")
+  p.add_argument("--profile_rounds", type=int, default=20,
+                 help="per binary layer inside the compiled forward: run each whole model this "
+                      "many times under jax.profiler and sum each layer's operations (0: skip)")
   args = p.parse_args()
 
   if args.workdir:
@@ -215,8 +278,8 @@ def main():
 
   batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
   rng = np.random.default_rng(0)
-  layer_rows, e2e_rows = [], []
-  shapes = {} if args.no_layers else bconv_inputs(program, jnp.zeros((1, *shape), jnp.float32))
+  layer_rows, e2e_rows, in_model_rows = [], [], []
+  shapes = bconv_inputs(program, jnp.zeros((1, *shape), jnp.float32))
   seen = set()
   for layer in bconvs:
     if args.no_layers or layer["kernel"] != [3, 3]:
@@ -330,6 +393,11 @@ def main():
             f"({sc['q25']:.2f}-{sc['q75']:.2f}); vs pure {sv['median']:5.2f}x "
             f"({sv['q25']:.2f}-{sv['q75']:.2f}); compiled ops {ops['ffi']}", flush=True)
     e2e_rows.append(row)
+    if args.profile_rounds > 0:
+      runs = {"float": (cached_apply, cached_dev, x)}
+      if ffi_fn is not None:
+        runs["ffi"] = (ffi_fn, x)
+      in_model_rows += layers_in_model(runs, bconvs, shapes, b, args.profile_rounds)
 
   by_batch = {}
   for b in batch_sizes:
@@ -350,7 +418,8 @@ def main():
       "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
       "ffi": ffi_status, "memory": memory, "layer_calls": args.layer_calls,
       "layers": layer_rows, "layer_speedup": by_batch,
-      "end_to_end": e2e_rows}))
+      "end_to_end": e2e_rows, "layers_in_model": in_model_rows,
+      "in_model_speedup": in_model_summary(in_model_rows)}))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@
 // up to 8 accumulator registers, runs interior positions from a fixed tap
 // list (3x3 one-word layers fully unrolled) and only the border positions
 // through the padding checks, and puts two positions in one register where
-// one position's channels would fill half of it (16-channel layers). Timed
-// kernel-only against the earlier per-position loop by bench/bconv_micro.cc.
+// one position's channels would fill half of it (16-channel layers); at
+// stride 1 those two positions' input words are adjacent, so one 32-bit load
+// is the broadcast pair (PairsRow3x3S1). Timed kernel-only against the
+// earlier per-position loop by bench/bconv_micro.cc.
 //
 // Threads: a large call (batch 64) is split into row ranges run on XLA's
 // intra-op thread pool (ffi::ThreadPool), the calling thread taking ranges
@@ -400,6 +402,63 @@ CMIM_AVX512 inline void TwoPositions16(const Args& a, const uint16_t* xs, int64_
   Epilogue16V(o2.dst, _mm512_srli_epi32(acc, 16), o2.full, c, bn, o2.res, a.clip);
 }
 
+// The epilogue of Epilogue16V with the BatchNorm / residual / hardtanh
+// choice fixed at compile time (no branches in the hot loop).
+template <bool kBn, bool kRes, bool kClip>
+CMIM_AVX512 inline void Epilogue16T(float* dst, __m512i cnt, __m512i full, const Chan16& c,
+                                    const float* res) {
+  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(full, _mm512_add_epi32(cnt, cnt))),
+                           c.alpha);
+  if constexpr (kBn) {
+    v = _mm512_fmadd_ps(_mm512_sub_ps(v, c.mean), c.mul, c.bias);
+    if constexpr (kRes) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(c.m, res));
+    if constexpr (kClip)
+      v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f));
+  }
+  _mm512_mask_storeu_ps(dst, c.m, v);
+}
+
+// The interior columns [xa, xb) of one output row of a 3x3, stride-1 layer
+// with cin <= 16 and cout <= 16 (ResNet-20's first stage), two positions per
+// register as TwoPositions16, where at stride 1 the two positions' input
+// words are adjacent: one 32-bit load is the broadcast pair. Two pairs per
+// step (two independent accumulator chains), the nine duplicated kernel
+// registers held across the row, the tap offsets compile-time constants
+// from three row pointers. Returns the first column not done (a last odd
+// column is left to the caller).
+template <bool kBn, bool kRes, bool kClip>
+CMIM_AVX512 int64_t PairsRow3x3S1(const Args& a, const uint16_t* rows, int64_t w, int64_t xa,
+                                  int64_t xb, int64_t pl, const uint16_t (*wdup)[32],
+                                  const Chan16& c, int32_t full_inner, float* out_row,
+                                  const float* res_row, int64_t cout) {
+  __m512i wd[9];
+  for (int t = 0; t < 9; ++t) wd[t] = _mm512_loadu_si512(wdup[t]);
+  const __m512i full = _mm512_set1_epi32(full_inner);
+  const __m512i low = _mm512_set1_epi32(0xffff);
+  auto pair = [](const uint16_t* p) {  // the words at p[0], p[1] as one 32-bit lane pattern
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+  };
+  int64_t ox = xa;
+  for (; ox + 1 < xb; ox += 2) {
+    const uint16_t* x0 = rows + ox - pl;  // tap (0, 0) of column ox
+    __m512i acc = _mm512_setzero_si512();
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j)
+        acc = _mm512_add_epi16(acc, _mm512_popcnt_epi16(_mm512_xor_si512(
+                                        wd[3 * i + j],
+                                        _mm512_set1_epi32(static_cast<int>(pair(x0 + i * w + j))))));
+    const int64_t at = ox * cout;
+    Epilogue16T<kBn, kRes, kClip>(out_row + at, _mm512_and_si512(acc, low), full, c,
+                                  kRes ? res_row + at : nullptr);
+    Epilogue16T<kBn, kRes, kClip>(out_row + at + cout, _mm512_srli_epi32(acc, 16), full, c,
+                                  kRes ? res_row + at + cout : nullptr);
+  }
+  (void)a;
+  return ox;
+}
+
 template <typename T>
 CMIM_AVX512 void RowsAvx512Blocked(const Geometry& g, const Args& a, const T* packed, int64_t r0,
                                    int64_t r1) {
@@ -421,6 +480,8 @@ CMIM_AVX512 void RowsAvx512Blocked(const Geometry& g, const Args& a, const T* pa
       for (int64_t c = 0; c < 16; ++c) wdup[t][2 * c] = wdup[t][2 * c + 1] = wt[inner.w[t] + c];
     chan = LoadChan16(g.cout, a.alpha, a.mean, a.mul, a.bias);
   }
+  // Stride 1, 3x3, one uint16 word: the adjacent-pair loop (PairsRow3x3S1).
+  const bool s1_pairs = pairs && nine && g.sh == 1 && g.sw == 1;
   Taps edge;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / g.ho, oy = r % g.ho;
@@ -432,6 +493,18 @@ CMIM_AVX512 void RowsAvx512Blocked(const Geometry& g, const Args& a, const T* pa
       return Out{a.out + at, a.res ? a.res + at : nullptr, full};
     };
     for (int64_t ox = 0; ox < g.wo;) {
+      if (s1_pairs && row_inner && ox == xa) {
+        const uint16_t* rows = reinterpret_cast<const uint16_t*>(img) + y0 * g.w;
+        float* orow = a.out + r * g.wo * g.cout;
+        const float* rrow = a.res ? a.res + r * g.wo * g.cout : nullptr;
+        const bool bn = a.mean != nullptr;
+        auto run = bn ? (a.res ? (a.clip ? &PairsRow3x3S1<true, true, true>
+                                         : &PairsRow3x3S1<true, true, false>)
+                               : &PairsRow3x3S1<true, false, false>)
+                      : &PairsRow3x3S1<false, false, false>;
+        ox = run(a, rows, g.w, xa, xb, g.pl, wdup, chan, full_inner, orow, rrow, g.cout);
+        if (ox >= xb) continue;  // an odd last interior column: below
+      }
       if (row_inner && ox >= xa && ox < xb) {
         const T* xs = img + (y0 * g.w + ox * g.sw - g.pl) * g.k;
         if (pairs && ox + 1 < xb) {

@@ -93,18 +93,21 @@ def library_path(cxx: str | None = None) -> str:
 
 
 def build(cxx: str | None = None) -> str:
-  """Compiles :data:`SOURCE` once into the cache and returns its path.
+  """Compiles :data:`SOURCE` once into the cache and returns its path
+  (:func:`native.build_once` checks for a cached build first, so one loads
+  on a machine without a compiler).
 
   Raises:
     RuntimeError: no compiler, or it failed (its stderr in the message).
   """
   cxx = cxx or os.environ.get("CXX", "g++")
-  path = library_path(cxx)
-  if os.path.exists(path):
-    return path
-  if shutil.which(cxx) is None:
-    raise RuntimeError(f"no C++ compiler {cxx!r} on PATH (set $CXX)")
-  return native.build_once(path, lambda out: _compile_command(cxx, out))
+
+  def command(out):
+    if shutil.which(cxx) is None:  # Looked up only when a build is needed.
+      raise RuntimeError(f"no C++ compiler {cxx!r} on PATH (set $CXX)")
+    return _compile_command(cxx, out)
+
+  return native.build_once(library_path(cxx), command)
 
 
 _LIB = None  # the loaded shared object (ctypes), once _load succeeded

@@ -301,13 +301,17 @@ class Program:
         self._plan = ffi.fusion_plan(self.layers)
       for group in self._plan:
         first, last = self.layers[group[0]], self.layers[group[-1]]
-        if first["op"] == "bconv":
-          regs[last.get("dst", "x")] = ffi.run_group(self, [self.layers[i] for i in group], regs)
-        else:
-          regs[first.get("dst", "x")] = self._run(first, regs)
+        # Each layer's operations carry its name in the compiled program's
+        # metadata (profiles attribute time per layer: bench/inference.py).
+        with jax.named_scope(first["name"]):
+          if first["op"] == "bconv":
+            regs[last.get("dst", "x")] = ffi.run_group(self, [self.layers[i] for i in group], regs)
+          else:
+            regs[first.get("dst", "x")] = self._run(first, regs)
       return regs["x"]
     for layer in self.layers:
-      regs[layer.get("dst", "x")] = self._run(layer, regs)
+      with jax.named_scope(layer["name"]):
+        regs[layer.get("dst", "x")] = self._run(layer, regs)
     return regs["x"]
 
   def _use_ffi(self) -> bool:
