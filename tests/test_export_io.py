@@ -323,10 +323,17 @@ def test_bench_inference_smoke():
   """The benchmark runs and its last line is the JSON it documents."""
   proc = subprocess.run(
       [sys.executable, "bench/inference.py", "--model", "resnet20", "--batch_sizes", "2",
-       "--repeats", "1", "--no_layers"], cwd=REPO, capture_output=True, text=True, timeout=600,
+       "--repeats", "1", "--no_layers", "--profile_rounds", "2"], cwd=REPO, capture_output=True,
+      text=True, timeout=600,
       env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["model"] == "resnet20" and result["memory"]["binary_kernels_ratio"] > 29
   (row,) = result["end_to_end"]
   assert row["batch"] == 2 and row["argmax_agree"] == 1.0 and row["packed_ms"] > 0
+  # Per binary layer inside the forward: all 18 of ResNet-20's binary convs
+  # found in both programs' profiles (their scopes matched).
+  rows = result["layers_in_model"]
+  assert len(rows) == 18 and {r["batch"] for r in rows} == {2}
+  assert all(r["float_us"] > 0 and r.get("ffi_us", 1) > 0 for r in rows)
+  assert set(result["in_model_speedup"]["2"]) == ({"ffi"} if "ffi_us" in rows[0] else set())
