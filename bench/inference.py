@@ -19,11 +19,12 @@ run instead) and measures, at each batch size:
   binarized kernels: the strongest float baseline), all jitted, the float
   variables passed as arguments, on normalised float32 images.
 
-* per binary layer inside the whole compiled forward (``--profile_rounds``,
-  default 20; bench/op_profile.py): each model is run under
+* per binary layer inside the whole compiled forward (batch 1 by default,
+  bench/op_profile.py): each model is run under
   ``jax.profiler`` and every layer's operations (its Flax module scope in the
   float model with kernels quantized once, its ``jax.named_scope`` in the
-  packed program) are summed, median over the calls: a layer's cost with
+  packed program) are summed, median over the calls, the float and FFI
+  programs alternating over ``--profile_sessions`` sessions: a layer's cost with
   no dispatch from Python and its input made by the layer before, the
   figure the end-to-end time is made of. With the FFI kernel a layer's call
   also applies the following BatchNorm/residual/hardtanh, which the float
@@ -147,50 +148,61 @@ def bconv_inputs(program, x):
   return shapes
 
 
-def layers_in_model(runs, bconvs, shapes, batch, rounds):
+def layers_in_model(runs, bconvs, shapes, batch, rounds, sessions):
   """Per binary layer, the time of its operations inside each whole compiled
   forward (bench/op_profile.py): ``runs`` maps a variant name to (jitted,
   *args). A layer's operations are those under its scope: in the float
-  model the Flax module's (the input's sign and the convolution), in the
+  models the Flax module's (the input's sign and the convolution, and in
+  the eval forward ``float`` the kernel's quantization too, as it runs
+  there on every call; ``cached``: the kernels quantized once), in the
   packed program the layer's ``jax.named_scope`` (with the FFI kernel: the
   one call, which also applies the BatchNorm, residual and hardtanh that
   follow; the float model runs those outside the conv's scope, so the
-  ratio understates the kernel).
+  ratio understates the kernel). Paired like the wall-clock rows:
+  ``sessions`` profiler sessions of ``rounds`` calls per variant, the
+  variants alternating, a layer's ratio the median of the per-session ratios.
 
   Returns:
     one row per binary layer; prints one line each.
   """
   names = [l["name"] for l in bconvs]
-  times = {k: op_profile.scope_times(op_profile.op_times(f, *a, rounds=rounds), names)
-           for k, (f, *a) in runs.items()}
-  totals = "  ".join(f"{k} {t['total'] * 1e3:.3f} ms" for k, t in times.items())
-  print(f"  inside the forward, batch {batch} (sum of profiled operations: {totals}):")
+  ops = {k: op_profile.op_names(f, *a) for k, (f, *a) in runs.items()}
+  per = {k: [] for k in runs}  # per session: {scope: seconds}
+  for _ in range(sessions):
+    for k, (f, *a) in runs.items():
+      per[k].append(op_profile.scope_times(
+          op_profile.op_times(f, *a, rounds=rounds, names=ops[k]), names))
+  med = {k: {n: statistics.median(t[n] for t in ts) for n in [*names, "total"]}
+         for k, ts in per.items()}
+  totals = "  ".join(f"{k} {t['total'] * 1e3:.3f} ms" for k, t in med.items())
+  print(f"  inside the forward, batch {batch} ({sessions} x {rounds} calls each; sum of the "
+        f"profiled operations: {totals}):")
   rows = []
   for layer in bconvs:
     n = layer["name"]
     row = {"layer": n, "batch": batch, "input": list(shapes[n][1:]), "cout": layer["cout"],
            "kernel": list(layer["kernel"]), "strides": list(layer["strides"])}
     line = f"    {n:28s} {str(row['input']):15s} -> {layer['cout']:4d}"
-    for k, t in times.items():
-      row[f"{k}_us"] = t[n] * 1e6
-      line += f"  {k} {t[n] * 1e6:9.1f} us"
-      if k != "float" and t[n] > 0:
-        row[f"{k}_speedup"] = times["float"][n] / t[n]
-        line += f" ({row[f'{k}_speedup']:5.2f}x)"
+    for k in runs:
+      row[f"{k}_us"] = med[k][n] * 1e6
+      line += f"  {k} {med[k][n] * 1e6:7.1f} us"
+    if "ffi" in runs and med["ffi"][n] > 0:
+      for base, key in (("float", "ffi_speedup"), ("cached", "ffi_speedup_vs_cached")):
+        r = ratio_stats([t[n] for t in per[base]], [t[n] for t in per["ffi"]])
+        row[key], row[f"{key}_iqr"] = r["median"], [r["q25"], r["q75"]]
+        line += f"  vs {base} {r['median']:5.2f}x ({r['q25']:.2f}-{r['q75']:.2f})"
     rows.append(row)
     print(line, flush=True)
   return rows
 
 
 def in_model_summary(rows):
-  """Min/median/max speedup over the binary 3x3 convs, per batch and variant."""
+  """Min/median/max of the FFI kernel's speedups over the binary 3x3 convs, per batch."""
   out = {}
   for r in rows:
-    if r["kernel"] != [3, 3]:
-      continue
-    for k in ("packed", "ffi"):
-      if f"{k}_speedup" in r:
-        out.setdefault(str(r["batch"]), {}).setdefault(k, []).append(r[f"{k}_speedup"])
+    if r["kernel"] == [3, 3] and "ffi_speedup" in r:
+      for key in ("ffi_speedup", "ffi_speedup_vs_cached"):
+        out.setdefault(str(r["batch"]), {}).setdefault(key, []).append(r[key])
   return {b: {k: {"min": min(v), "median": statistics.median(v), "max": max(v)}
               for k, v in d.items()} for b, d in out.items()}
 
@@ -235,9 +247,14 @@ def main():
                       "inside one jitted program (per-call time = program time / K), so the "
                       "fixed cost of dispatching a program from Python is paid once, as inside "
                       "a compiled model; 1 times one call per program")
-  p.add_argument("--profile_rounds", type=int, default=20,
-                 help="per binary layer inside the compiled forward: run each whole model this "
-                      "many times under jax.profiler and sum each layer's operations (0: skip)")
+  p.add_argument("--profile_sessions", type=int, default=5,
+                 help="per binary layer inside the compiled forward: this many jax.profiler "
+                      "sessions per model, alternating (0: skip)")
+  p.add_argument("--profile_rounds", type=int, default=10,
+                 help="calls of the whole model per profiler session")
+  p.add_argument("--profile_batches", default="1",
+                 help="batch sizes to profile per layer (at batch 1 each operation runs on "
+                      "one thread, start to end inside its profiled span)")
   args = p.parse_args()
 
   if args.workdir:
@@ -393,11 +410,12 @@ def main():
             f"({sc['q25']:.2f}-{sc['q75']:.2f}); vs pure {sv['median']:5.2f}x "
             f"({sv['q25']:.2f}-{sv['q75']:.2f}); compiled ops {ops['ffi']}", flush=True)
     e2e_rows.append(row)
-    if args.profile_rounds > 0:
-      runs = {"float": (cached_apply, cached_dev, x)}
+    if args.profile_sessions > 0 and str(b) in args.profile_batches.split(","):
+      runs = {"float": (float_apply, v_dev, x), "cached": (cached_apply, cached_dev, x)}
       if ffi_fn is not None:
         runs["ffi"] = (ffi_fn, x)
-      in_model_rows += layers_in_model(runs, bconvs, shapes, b, args.profile_rounds)
+      in_model_rows += layers_in_model(runs, bconvs, shapes, b, args.profile_rounds,
+                                       args.profile_sessions)
 
   by_batch = {}
   for b in batch_sizes:

@@ -45,13 +45,15 @@ def op_names(jitted, *args) -> dict[str, str]:
   return names
 
 
-def op_times(jitted, *args, rounds: int = 20) -> dict[str, tuple[str, float]]:
+def op_times(jitted, *args, rounds: int = 20,
+             names: dict[str, str] | None = None) -> dict[str, tuple[str, float]]:
   """Seconds per call of each top-level operation of ``jitted(*args)``.
 
   Args:
     jitted: a ``jax.jit`` function (compiled here if it was not).
     *args: its arguments.
     rounds: calls under the profiler (after two warm-up calls).
+    names: :func:`op_names` of the program, if already known (it compiles).
 
   Returns:
     ``{instruction name: (op_name, median seconds over the calls)}``;
@@ -61,7 +63,7 @@ def op_times(jitted, *args, rounds: int = 20) -> dict[str, tuple[str, float]]:
     RuntimeError: the trace has no event for any of the program's
       operations (a JAX whose CPU profiler does not record thunks).
   """
-  names = op_names(jitted, *args)
+  names = names if names is not None else op_names(jitted, *args)
   for _ in range(2):
     jax.block_until_ready(jitted(*args))
   with tempfile.TemporaryDirectory() as log_dir:

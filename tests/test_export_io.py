@@ -77,6 +77,22 @@ def test_future_format_version_is_refused_by_number(saved, tmp_path):
     export.load(path)
 
 
+def test_version_1_file_with_uint32_words_still_loads_and_computes_the_same(saved, tmp_path):
+  """Format 2 stores a <= 16-channel layer's words as uint16; a version-1 file
+  (uint32 words everywhere) still loads, and both give the same logits."""
+  manifest, arrays = fileformat.load(saved[0])
+  old = {k: v.astype(np.uint32) if k.endswith("/bits") else v for k, v in arrays.items()}
+  assert any(v.dtype != old[k].dtype for k, v in arrays.items())
+  body = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "arrays")}
+  fileformat.save(str(tmp_path / "v2.cmimbnn"), body, old)
+  path = str(tmp_path / "v1.cmimbnn")
+  _rewrite_manifest(str(tmp_path / "v2.cmimbnn"), path, format_version=1)
+  images = np.random.default_rng(0).integers(0, 256, (3, *SHAPE), dtype=np.uint8)
+  for kernel in ("pure", "auto"):
+    np.testing.assert_array_equal(np.asarray(export.load(path, kernel=kernel)(images)),
+                                  np.asarray(export.load(saved[0], kernel=kernel)(images)))
+
+
 def test_other_format_and_unknown_op_are_refused(saved, tmp_path):
   path = str(tmp_path / "other.cmimbnn")
   _rewrite_manifest(saved[0], path, format="something_else")
@@ -128,9 +144,12 @@ def test_manifest_describes_the_model(saved):
   assert manifest["mean"] == [0.3] and manifest["std"] == [0.4]
   bconvs = [l for l in manifest["layers"] if l["op"] == "bconv"]
   assert len(bconvs) == 6  # two per block, one block per stage
-  for l in bconvs:
-    assert arrays[f"{l['name']}/bits"].dtype == np.uint32
-    assert arrays[f"{l['name']}/bits"].shape == (3, 3, l["cout"], -(-l["cin"] // 32))
+  for l in bconvs:  # One bit per weight: uint16 words for the 16-channel stage.
+    bits = arrays[f"{l['name']}/bits"]
+    assert bits.dtype == (np.uint16 if l["cin"] <= 16 else np.uint32), l
+    assert bits.shape == (3, 3, l["cout"], -(-l["cin"] // 32))
+  assert {arrays[f"{l['name']}/bits"].dtype for l in bconvs} == {np.dtype(np.uint16),
+                                                                  np.dtype(np.uint32)}
 
 
 # --------------------------------------------------------------------------
@@ -323,8 +342,8 @@ def test_bench_inference_smoke():
   """The benchmark runs and its last line is the JSON it documents."""
   proc = subprocess.run(
       [sys.executable, "bench/inference.py", "--model", "resnet20", "--batch_sizes", "2",
-       "--repeats", "1", "--no_layers", "--profile_rounds", "2"], cwd=REPO, capture_output=True,
-      text=True, timeout=600,
+       "--repeats", "1", "--no_layers", "--profile_sessions", "2", "--profile_rounds", "2",
+       "--profile_batches", "2"], cwd=REPO, capture_output=True, text=True, timeout=600,
       env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -336,4 +355,6 @@ def test_bench_inference_smoke():
   rows = result["layers_in_model"]
   assert len(rows) == 18 and {r["batch"] for r in rows} == {2}
   assert all(r["float_us"] > 0 and r.get("ffi_us", 1) > 0 for r in rows)
-  assert set(result["in_model_speedup"]["2"]) == ({"ffi"} if "ffi_us" in rows[0] else set())
+  assert all(r["cached_us"] > 0 for r in rows)
+  if "ffi_us" in rows[0]:
+    assert set(result["in_model_speedup"]["2"]) == {"ffi_speedup", "ffi_speedup_vs_cached"}

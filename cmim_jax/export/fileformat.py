@@ -2,7 +2,7 @@
 
 Layout (stored, not compressed: packed bits do not compress)::
 
-  manifest.json         {"format": "cmim_jax.packed_bnn", "format_version": 1,
+  manifest.json         {"format": "cmim_jax.packed_bnn", "format_version": 2,
                          "model_name", "input_shape", "input_dtype", "mean",
                          "std", "num_classes", "word_bits", "layers": [...],
                          "arrays": {key: {"shape", "dtype", "sha256"}}, ...}
@@ -26,7 +26,9 @@ from typing import Any, Mapping
 import numpy as np
 
 FORMAT = "cmim_jax.packed_bnn"
-FORMAT_VERSION = 1
+# 2: a binary kernel with at most 8 (16) input channels stores its bits as
+# uint8 (uint16) words (1: uint32 for every layer); this version reads both.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 

@@ -62,6 +62,18 @@ def pack_bits_np(bits: np.ndarray) -> np.ndarray:
   return np.sum(b << np.arange(WORD_BITS, dtype=np.uint64), axis=-1).astype(np.uint32)
 
 
+def narrow_words(words: np.ndarray, cin: int) -> np.ndarray:
+  """The stored form of :func:`pack_bits_np`'s words: a layer with at most 8
+  (16) input channels uses the low 8 (16) bits of its one word, kept as
+  uint8 (uint16), so that every binary kernel takes one bit per weight
+  (format version 2); the same bits, read back by widening."""
+  if cin <= 8:
+    return words.astype(np.uint8)
+  if cin <= 16:
+    return words.astype(np.uint16)
+  return words
+
+
 def unpack_bits_np(words: np.ndarray, channels: int) -> np.ndarray:
   """Inverse of :func:`pack_bits_np`: booleans ``[..., channels]``."""
   w = words.astype(np.uint64)[..., None] >> np.arange(WORD_BITS, dtype=np.uint64)
@@ -124,7 +136,8 @@ def xnor_conv(x: Array, bits: Array, *, cin: int, strides: Sequence[int],
 
   Args:
     x: float ``[b, h, w, cin]``, binarized here.
-    bits: uint32 ``[kh, kw, cout, words]`` packed kernel signs.
+    bits: uint32 ``[kh, kw, cout, words]`` packed kernel signs (or uint8 /
+      uint16 holding a narrow layer's one word: :func:`narrow_words`).
     cin: real input channels (the rest of the last word is zero bits).
     strides: (sh, sw).
     padding: ((top, bottom), (left, right)), zero padding after binarization.
@@ -134,6 +147,7 @@ def xnor_conv(x: Array, bits: Array, *, cin: int, strides: Sequence[int],
     int32 ``[b, ho, wo, cout]``: exactly ``conv(sign(x), sign(w))`` with zero padding.
   """
   kh, kw, cout, words = bits.shape
+  bits = bits.astype(np.uint32)  # A narrow layer's stored words, widened.
   if x.shape[-1] != cin:
     raise ValueError(f"xnor_conv: input has {x.shape[-1]} channels, the kernel {cin}")
   xp = binarize_pack(x)

@@ -116,7 +116,8 @@ class _Builder:
     kernels = binary_kernels([p for _, p in self.pending], self.model.kernel_quantizer, names,
                              self.model_name)
     for name, (signs, alpha) in zip(names, kernels):
-      self.arrays[f"{name}/bits"] = infer.pack_bits_np(np.transpose(signs, (0, 1, 3, 2)))
+      self.arrays[f"{name}/bits"] = infer.narrow_words(
+          infer.pack_bits_np(np.transpose(signs, (0, 1, 3, 2))), signs.shape[2])
       self.arrays[f"{name}/alpha"] = alpha
 
   float = staticmethod(_float)
