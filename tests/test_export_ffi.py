@@ -58,6 +58,7 @@ def _layer_case(rng, b, h, w, cin, cout, k, zeros=True):
     (16, 16, 3, (1, 1), ((1, 1), (1, 1)), (7, 7)),       # uint16 words, two positions a register
     (9, 12, 3, (2, 2), ((1, 1), (1, 1)), (9, 12)),       # the same at stride 2, cout < 16
     (32, 24, 3, (2, 2), ((1, 1), (1, 1)), (8, 9)),       # uint32, stride 2, odd width
+    (40, 64, 3, (1, 1), ((1, 1), (1, 1)), (5, 6)),       # one uint64 word, 8 registers
     (5, 33, 3, (2, 2), ((1, 1), (1, 1)), (5, 6)),        # part of a word, cout past a register
     (48, 8, 1, (2, 2), ((0, 0), (0, 0)), (6, 6)),        # 1x1 shortcut-like, uint64
     (70, 40, 3, (1, 1), ((0, 2), (1, 0)), (5, 4)),       # two uint64 words, asymmetric pad

@@ -31,8 +31,11 @@
 // through the padding checks, and puts two positions in one register where
 // one position's channels would fill half of it (16-channel layers); at
 // stride 1 those two positions' input words are adjacent, so one 32-bit load
-// is the broadcast pair (PairsRow3x3S1). Timed kernel-only against the
-// earlier per-position loop by bench/bconv_micro.cc.
+// is the broadcast pair (PairsRow3x3S1). Other 3x3 layers of one word per
+// position and up to 8 registers of output channels run each interior row
+// with the kernel's registers and the epilogue's constants loaded once per
+// row (OneWordRow3x3). Timed kernel-only against the earlier loops by
+// bench/bconv_micro.cc.
 //
 // Threads: a large call (batch 64) is split into row ranges run on XLA's
 // intra-op thread pool (ffi::ThreadPool), the calling thread taking ranges
@@ -459,6 +462,86 @@ CMIM_AVX512 int64_t PairsRow3x3S1(const Args& a, const uint16_t* rows, int64_t w
   return ox;
 }
 
+// The interior columns [xa, xb) of one output row of a 3x3 layer with one
+// word per position and NR (1, 2, 4 or 8) registers of output channels: the
+// kernel's 9 x NR registers and the epilogue's per-channel constants loaded
+// once per row (held in registers where they fit), the tap offsets constants
+// from the row stride, the epilogue choice fixed at compile time. `row`
+// points at the window's top-left input word of column 0.
+template <typename T, int NR, bool kBn, bool kRes, bool kClip>
+CMIM_AVX512 void OneWordRow3x3(const Geometry& g, const Args& a, const T* row, int64_t xa,
+                               int64_t xb, float* out_row, const float* res_row,
+                               int32_t full_inner) {
+  constexpr int kLanes = 64 / sizeof(T);
+  constexpr int kWidth = kLanes < 16 ? kLanes : 16;  // channels per epilogue step
+  constexpr int kChunks = NR * kLanes / kWidth;
+  const T* wt = static_cast<const T*>(a.wt);
+  __m512i w[9][NR];
+  for (int t = 0; t < 9; ++t)
+    for (int r = 0; r < NR; ++r) w[t][r] = _mm512_loadu_si512(wt + t * g.cs + r * kLanes);
+  Chan16 c[kChunks];
+  int nq = 0;  // chunks holding channels (cout may fill fewer)
+  for (int q = 0; q < kChunks && kWidth * q < g.cout; ++q, ++nq) {
+    const int64_t o = kWidth * q;
+    c[q] = LoadChan16(std::min<int64_t>(kWidth, g.cout - o), a.alpha + o,
+                      a.mean ? a.mean + o : nullptr, a.mul ? a.mul + o : nullptr,
+                      a.bias ? a.bias + o : nullptr);
+  }
+  const __m512i full = _mm512_set1_epi32(full_inner);
+  const int64_t w3 = g.w;
+  for (int64_t ox = xa; ox < xb; ++ox) {
+    const T* x0 = row + ox * g.sw - g.pl;
+    __m512i acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j) {
+        const __m512i xv = Zmm<T>::Set1(x0[i * w3 + j]);
+        for (int r = 0; r < NR; ++r)
+          acc[r] = Zmm<T>::AddPopcount(acc[r], _mm512_xor_si512(w[3 * i + j][r], xv));
+      }
+    float* dst = out_row + ox * g.cout;
+    const float* res = kRes ? res_row + ox * g.cout : nullptr;
+    for (int q = 0; q < nq; ++q) {
+      const __m512i v = acc[q * kWidth / kLanes];
+      __m512i cnt;  // int32 counts of channels [kWidth * q, kWidth * (q + 1))
+      if constexpr (sizeof(T) == 2)
+        cnt = _mm512_cvtepu16_epi32(q % 2 ? _mm512_extracti64x4_epi64(v, 1)
+                                          : _mm512_castsi512_si256(v));
+      else if constexpr (sizeof(T) == 4)
+        cnt = v;
+      else
+        cnt = _mm512_castsi256_si512(_mm512_cvtepi64_epi32(v));
+      Epilogue16T<kBn, kRes, kClip>(dst + kWidth * q, cnt, full, c[q],
+                                    kRes ? res + kWidth * q : nullptr);
+    }
+  }
+}
+
+// OneWordRow3x3 for this call's word type, register count and epilogue, or
+// nullptr where it does not apply.
+template <typename T>
+using OneWordRowFn = void (*)(const Geometry&, const Args&, const T*, int64_t, int64_t, float*,
+                              const float*, int32_t);
+
+template <typename T, int NR>
+OneWordRowFn<T> PickOneWordRow(const Args& a) {
+  if (a.mean == nullptr) return &OneWordRow3x3<T, NR, false, false, false>;
+  if (a.res == nullptr) return &OneWordRow3x3<T, NR, true, false, false>;
+  return a.clip ? &OneWordRow3x3<T, NR, true, true, true> : &OneWordRow3x3<T, NR, true, true, false>;
+}
+
+template <typename T>
+OneWordRowFn<T> OneWordRow(const Geometry& g, const Args& a) {
+  if (g.kh != 3 || g.kw != 3 || g.k != 1) return nullptr;
+  switch (g.cs * static_cast<int64_t>(sizeof(T)) / 64) {
+    case 1: return PickOneWordRow<T, 1>(a);
+    case 2: return PickOneWordRow<T, 2>(a);
+    case 4: return PickOneWordRow<T, 4>(a);
+    case 8: return PickOneWordRow<T, 8>(a);
+    default: return nullptr;
+  }
+}
+
 template <typename T>
 CMIM_AVX512 void RowsAvx512Blocked(const Geometry& g, const Args& a, const T* packed, int64_t r0,
                                    int64_t r1) {
@@ -482,6 +565,8 @@ CMIM_AVX512 void RowsAvx512Blocked(const Geometry& g, const Args& a, const T* pa
   }
   // Stride 1, 3x3, one uint16 word: the adjacent-pair loop (PairsRow3x3S1).
   const bool s1_pairs = pairs && nine && g.sh == 1 && g.sw == 1;
+  // Other 3x3 one-word layers of up to 8 registers: OneWordRow3x3.
+  const OneWordRowFn<T> one_word = pairs ? nullptr : OneWordRow<T>(g, a);
   Taps edge;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / g.ho, oy = r % g.ho;
@@ -504,6 +589,13 @@ CMIM_AVX512 void RowsAvx512Blocked(const Geometry& g, const Args& a, const T* pa
                       : &PairsRow3x3S1<false, false, false>;
         ox = run(a, rows, g.w, xa, xb, g.pl, wdup, chan, full_inner, orow, rrow, g.cout);
         if (ox >= xb) continue;  // an odd last interior column: below
+      }
+      if (one_word != nullptr && row_inner && ox == xa && xb > xa) {
+        const int64_t at = r * g.wo * g.cout;
+        one_word(g, a, img + y0 * g.w * g.k, xa, xb, a.out + at, a.res ? a.res + at : nullptr,
+                 full_inner);
+        ox = xb;
+        continue;
       }
       if (row_inner && ox >= xa && ox < xb) {
         const T* xs = img + (y0 * g.w + ox * g.sw - g.pl) * g.k;
