@@ -255,6 +255,16 @@ def test_missing_compiler_fails_with_its_name_and_auto_falls_back(monkeypatch, t
     program._use_ffi()  # pylint: disable=protected-access
 
 
+def test_the_build_is_keyed_by_every_source_file(monkeypatch, tmp_path):
+  """An edit to an included part rebuilds (a new cached name), as one to the .cc does."""
+  before = ffi.library_path("g++")
+  assert all(os.path.exists(p) for p in ffi.INCLUDES)
+  edited = tmp_path / os.path.basename(ffi.INCLUDES[-1])
+  edited.write_bytes(open(ffi.INCLUDES[-1], "rb").read() + b"\n// edited\n")
+  monkeypatch.setattr(ffi, "INCLUDES", (*ffi.INCLUDES[:-1], str(edited)))
+  assert ffi.library_path("g++") != before
+
+
 def test_kernel_words_are_the_same_bits():
   rng = np.random.default_rng(3)
   for cin in (3, 16, 17, 32, 33, 64, 100, 128):

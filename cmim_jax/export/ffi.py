@@ -56,6 +56,9 @@ import numpy as np
 from cmim_jax import native
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bconv_ffi.cc")
+# The files SOURCE includes (textually, from its directory): part of the build's key.
+INCLUDES = tuple(os.path.join(os.path.dirname(SOURCE), f) for f in (
+    "bconv_common.inc", "bconv_avx512.inc", "bconv_avx512_rows.inc"))
 ENV_SWITCH = "CMIM_JAX_FFI"
 ISA_SWITCH = "CMIM_JAX_FFI_ISA"
 # The C++ variants (best first) by the number cmim_bconv_set_isa takes, and their log names.
@@ -82,11 +85,13 @@ def _compile_command(cxx: str, out: str) -> list[str]:
 
 
 def library_path(cxx: str | None = None) -> str:
-  """Where the shared object for this source, compiler, jaxlib and machine lives."""
+  """Where the shared object for these sources, compiler, jaxlib and machine lives."""
   import jaxlib
   cxx = cxx or os.environ.get("CXX", "g++")
-  with open(SOURCE, "rb") as f:
-    h = hashlib.sha256(f.read())
+  h = hashlib.sha256()
+  for path in (SOURCE, *INCLUDES):
+    with open(path, "rb") as f:
+      h.update(f.read())
   h.update(" ".join(_compile_command(cxx, "")).encode())
   h.update(f"{jaxlib.__version__} {platform.machine()} {sys.platform}".encode())
   return os.path.join(cache_dir(), f"bconv_ffi-{h.hexdigest()[:16]}.so")
