@@ -44,11 +44,13 @@ def test_every_variant_runs_here_or_is_named_missing(isas):
 
 
 def _layer_case(rng, b, h, w, cin, cout, k, zeros=True):
+  """Input, kernel signs, packed bits and alpha; ``k`` an int (k x k) or (kh, kw)."""
+  kh, kw = (k, k) if isinstance(k, int) else k
   x = rng.normal(size=(b, h, w, cin)).astype(np.float32)
   if zeros:  # +0.0 and -0.0 are +1, as binarize.sign
     x.flat[::7] = 0.0
     x.flat[3::11] = -0.0
-  signs = rng.random((k, k, cin, cout)) < 0.5
+  signs = rng.random((kh, kw, cin, cout)) < 0.5
   bits = infer.pack_bits_np(np.transpose(signs, (0, 1, 3, 2)))  # [kh, kw, cout, words]
   alpha = rng.uniform(0.1, 2.0, cout).astype(np.float32)
   return x, signs, bits, alpha
@@ -56,9 +58,14 @@ def _layer_case(rng, b, h, w, cin, cout, k, zeros=True):
 
 @pytest.mark.parametrize("cin,cout,k,strides,padding,hw", [
     (16, 16, 3, (1, 1), ((1, 1), (1, 1)), (7, 7)),       # uint16 words, two positions a register
+    (16, 16, 3, (1, 1), ((1, 1), (1, 1)), (4, 2)),       # the same, no interior column
+    (16, 16, (1, 9), (1, 1), ((0, 0), (4, 4)), (3, 12)),  # nine taps, not 3x3
+    (12, 16, (9, 1), (1, 1), ((4, 4), (0, 0)), (12, 3)),
     (9, 12, 3, (2, 2), ((1, 1), (1, 1)), (9, 12)),       # the same at stride 2, cout < 16
     (32, 24, 3, (2, 2), ((1, 1), (1, 1)), (8, 9)),       # uint32, stride 2, odd width
     (40, 64, 3, (1, 1), ((1, 1), (1, 1)), (5, 6)),       # one uint64 word, 8 registers
+    (24, 50, 3, (1, 1), ((1, 1), (1, 1)), (5, 6)),       # uint32, 4 registers, part of a chunk
+    (40, 30, 3, (2, 2), ((1, 1), (1, 1)), (7, 6)),       # uint64, 4 registers, part of a chunk
     (5, 33, 3, (2, 2), ((1, 1), (1, 1)), (5, 6)),        # part of a word, cout past a register
     (48, 8, 1, (2, 2), ((0, 0), (0, 0)), (6, 6)),        # 1x1 shortcut-like, uint64
     (70, 40, 3, (1, 1), ((0, 2), (1, 0)), (5, 4)),       # two uint64 words, asymmetric pad
@@ -99,6 +106,11 @@ def test_the_handler_refuses_a_malformed_epilogue(built):
       x, words, alpha, *extra, clip=np.int64(clip), **attrs)
   np.testing.assert_array_equal(np.asarray(call()), np.asarray(ffi.bconv(
       x, words, alpha, cin=cin, strides=(1, 1), padding=((1, 1), (1, 1)))))
+  # Kernel words that are not kernel_words' for this cin (two uint16 words for 16 channels).
+  two = np.concatenate([words, words], axis=2)
+  with pytest.raises(Exception, match="kernel words do not match.*kernel_words"):
+    jax.block_until_ready(jax.ffi.ffi_call("cmim_bconv", out)(x, two, alpha, clip=np.int64(0),
+                                                              **attrs))
   for extra, clip, match in [((vec, vec), 0, "mean, mul and bias"),
                              ((vec, vec, vec), 1, "clip applies after a residual"),
                              ((vec, vec, vec[:3]), 0, "cout entries"),
@@ -131,12 +143,15 @@ def test_fused_epilogue_equals_the_pure_ops(isas, cin, cout, hw):
               * alpha)(x)
   y = jax.jit(lambda v: infer._batch_norm(v, mean, mul, bias))(v)  # pylint: disable=protected-access
   h = jax.jit(lambda y, r: jnp.clip(y + r, -1.0, 1.0))(y, res)
+  r = jax.jit(lambda y, r: y + r)(y, res)  # residual, no hardtanh (Bi-Real Net's blocks)
   native = jax.jit(lambda x, res: (ffi.bconv(x, words, alpha, bn=(mean, mul, bias), **kw),
                                    ffi.bconv(x, words, alpha, bn=(mean, mul, bias), residual=res,
-                                             clip=True, **kw)))
+                                             clip=True, **kw),
+                                   ffi.bconv(x, words, alpha, bn=(mean, mul, bias), residual=res,
+                                             **kw)))
   for isa in isas:
     ffi.use_isa(isa)
-    for want, got in zip((y, h), native(x, res)):
+    for want, got in zip((y, h, r), native(x, res)):
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=isa)
 
 

@@ -204,8 +204,9 @@ ffi::Error BConvImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
     return ffi::Error::InvalidArgument("cmim_bconv: inconsistent shapes");
   const int64_t bytes = static_cast<int64_t>(ffi::ByteWidth(wt.element_type())) *
                         (rank == 5 ? wd[4] : 1);
-  if (bytes * 8 != word_bits || g.k * word_bits < cin)
-    return ffi::Error::InvalidArgument("cmim_bconv: kernel words do not match word_bits/cin");
+  if (bytes * 8 != word_bits || g.k != (cin + word_bits - 1) / word_bits)
+    return ffi::Error::InvalidArgument(
+        "cmim_bconv: kernel words do not match word_bits/cin (make them with ffi.kernel_words)");
   const Args a{x.typed_data(), wt.untyped_data(), alpha.typed_data(), mean, mul, bias, res, clip,
                out->typed_data()};
   switch (word_bits) {
