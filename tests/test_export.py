@@ -58,6 +58,26 @@ def test_pack_bits_layout_and_roundtrip(channels):
     np.testing.assert_array_equal((words[:, c // 32] >> (c % 32)) & 1, bits[:, c])
 
 
+def test_narrow_words_compute_the_same_conv_and_kernel_words():
+  """Format 2's uint8 / uint16 words (cin <= 8 / <= 16): the same bits, the same
+  XNOR-popcount result and the same C++ kernel words as uint32 words."""
+  from cmim_jax.export import ffi  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(5)
+  for cin, dtype in ((5, np.uint8), (13, np.uint16), (20, np.uint32)):
+    bits = infer.pack_bits_np(rng.random((3, 3, 7, cin)) < 0.5)
+    narrow = infer.narrow_words(bits, cin)
+    assert narrow.dtype == dtype
+    np.testing.assert_array_equal(narrow.astype(np.uint32), bits)
+    x = jnp.asarray(rng.normal(size=(2, 5, 6, cin)).astype(np.float32))
+    kw = dict(cin=cin, strides=(1, 1), padding=((1, 1), (1, 1)))
+    border = infer.border_map(infer.kernel_sign_sums(bits, cin), (5, 6), (1, 1), kw["padding"])
+    border_n = infer.border_map(infer.kernel_sign_sums(narrow, cin), (5, 6), (1, 1), kw["padding"])
+    np.testing.assert_array_equal(border_n, border)
+    np.testing.assert_array_equal(np.asarray(infer.xnor_conv(x, narrow, border=border_n, **kw)),
+                                  np.asarray(infer.xnor_conv(x, bits, border=border, **kw)))
+    np.testing.assert_array_equal(ffi.kernel_words(narrow, cin), ffi.kernel_words(bits, cin))
+
+
 @pytest.mark.parametrize("cin,kernel,strides,padding", [
     (3, (3, 3), (1, 1), ((1, 1), (1, 1))),
     (40, (3, 3), (2, 2), ((1, 1), (1, 1))),

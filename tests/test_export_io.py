@@ -93,6 +93,29 @@ def test_version_1_file_with_uint32_words_still_loads_and_computes_the_same(save
                                   np.asarray(export.load(saved[0], kernel=kernel)(images)))
 
 
+def test_bits_of_the_wrong_type_or_shape_are_refused_naming_the_layer(saved, tmp_path):
+  manifest, arrays = fileformat.load(saved[0])
+  body = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "arrays")}
+  layer = next(l for l in manifest["layers"] if l["op"] == "bconv" and l["cin"] <= 16)
+  key = f"{layer['name']}/bits"
+  for bad, why in [(arrays[key].astype(np.uint8), "uint8"),          # cin 16 > 8
+                   (arrays[key].astype(np.float32), "float32"),
+                   (arrays[key][:, :, :-1], "uint16")]:               # a column short
+    path = str(tmp_path / f"bad_{why}.cmimbnn")
+    fileformat.save(path, body, {**arrays, key: bad})
+    with pytest.raises(export.ExportFileError,
+                       match=rf"layer '{layer['name']}' \(cin {layer['cin']}\) has packed kernel "
+                             rf"bits {why}.*Re-export"):
+      export.load(path)
+
+
+def test_files_are_stamped_with_the_lowest_version_their_arrays_need():
+  wide = {"a/bits": np.zeros((3, 3, 4, 1), np.uint32), "a/alpha": np.ones(4, np.float32)}
+  assert fileformat.required_version(wide) == 1  # older readers keep reading it
+  assert fileformat.required_version({**wide, "b/bits": np.zeros((3, 3, 4, 1), np.uint16)}) == 2
+  assert fileformat.required_version({"b/bits": np.zeros((1, 1, 4, 1), np.uint8)}) == 2
+
+
 def test_other_format_and_unknown_op_are_refused(saved, tmp_path):
   path = str(tmp_path / "other.cmimbnn")
   _rewrite_manifest(saved[0], path, format="something_else")

@@ -2,6 +2,7 @@
 
 * :func:`export_workdir` reads a run's latest checkpoint and config, packs
   every binary conv (sign bits along the input channels in ``uint32`` words,
+  ``uint16``/``uint8`` for at most 16/8 input channels: one bit per weight,
   per-channel float scale, BatchNorm as a per-channel affine after the
   popcount) and writes one ``.cmimbnn`` file (:mod:`.fileformat`).
 * :func:`load` reads such a file and returns a jittable ``images -> logits``
@@ -90,7 +91,29 @@ def load(path: str, kernel: str = "auto") -> PackedModel:
       raise ExportFileError(f"{path}: layer {layer.get('name')!r} has input shift "
                             f"{layer.get('shift')!r}, which this cmim_jax cannot run (known: "
                             f"{', '.join(str(v) for v in infer.BCONV_SHIFTS)}).")
+    if layer.get("op") == "bconv":
+      _check_bits(path, layer, arrays.get(f"{layer.get('name')}/bits"),
+                  manifest["format_version"])
   return PackedModel(manifest, arrays, kernel=kernel)
+
+
+def _check_bits(path, layer, bits, version):
+  """A bconv's packed kernel: uint32 words ``[kh, kw, cout, ceil(cin / 32)]``,
+  or from format 2 one uint16 (uint8) word where cin <= 16 (8)."""
+  name, cin = layer.get("name"), layer.get("cin")
+  if bits is None or not isinstance(cin, int):
+    raise ExportFileError(f"{path}: layer {name!r} has no packed kernel (bits) or no cin; "
+                          "re-export the model.")
+  allowed = {np.dtype(np.uint32)}
+  if version >= 2:
+    allowed |= {np.dtype(np.uint16)} if cin <= 16 else set()
+    allowed |= {np.dtype(np.uint8)} if cin <= 8 else set()
+  want = (*layer.get("kernel", ()), layer.get("cout"), infer.num_words(cin))
+  if bits.dtype not in allowed or tuple(bits.shape) != want:
+    raise ExportFileError(
+        f"{path}: layer {name!r} (cin {cin}) has packed kernel bits {bits.dtype} "
+        f"{tuple(bits.shape)}; format version {version} expects "
+        f"{' or '.join(sorted(str(d) for d in allowed))} {want}. Re-export the model.")
 
 
 # --------------------------------------------------------------------------

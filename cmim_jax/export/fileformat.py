@@ -27,7 +27,8 @@ import numpy as np
 
 FORMAT = "cmim_jax.packed_bnn"
 # 2: a binary kernel with at most 8 (16) input channels stores its bits as
-# uint8 (uint16) words (1: uint32 for every layer); this version reads both.
+# uint8 (uint16) words (1: uint32 for every layer); this version reads both,
+# and writes 1 where no array needs 2 (so older readers keep reading those).
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
@@ -40,6 +41,13 @@ def _npy_bytes(a: np.ndarray) -> bytes:
   buf = io.BytesIO()
   np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
   return buf.getvalue()
+
+
+def required_version(arrays: Mapping[str, np.ndarray]) -> int:
+  """The lowest format version that describes ``arrays``: 2 if a kernel's
+  ``bits`` are narrower than uint32, else 1."""
+  narrow = any(k.endswith("/bits") and np.asarray(v).dtype.itemsize < 4 for k, v in arrays.items())
+  return 2 if narrow else 1
 
 
 def save(path: str, body: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
@@ -55,7 +63,8 @@ def save(path: str, body: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
   Returns:
     The file size in bytes.
   """
-  manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **body, **(extra or {})}
+  manifest = {"format": FORMAT, "format_version": required_version(arrays), **body,
+              **(extra or {})}
   blobs = {k: _npy_bytes(np.asarray(v)) for k, v in arrays.items()}
   manifest["arrays"] = {
       k: {"shape": list(np.shape(v)), "dtype": np.asarray(v).dtype.str,
