@@ -23,12 +23,15 @@ run instead) and measures, at each batch size:
   bench/op_profile.py): each model is run under
   ``jax.profiler`` and every layer's operations (its Flax module scope in the
   float model with kernels quantized once, its ``jax.named_scope`` in the
-  packed program) are summed, median over the calls, the float and FFI
-  programs alternating over ``--profile_sessions`` sessions: a layer's cost with
+  packed program) are summed (each operation's median over the calls), the
+  float and FFI programs alternating over ``--profile_sessions`` sessions: a
+  layer's cost with
   no dispatch from Python and its input made by the layer before, the
   figure the end-to-end time is made of. With the FFI kernel a layer's call
   also applies the following BatchNorm/residual/hardtanh, which the float
   model runs outside the conv's scope: the ratio understates the kernel.
+  A fusion of operations from two layers counts for the layer of the
+  operation XLA names it after (its root).
 
 ``--layer_calls K`` times the per-layer rows as K calls on K different
 inputs inside one jitted program (reported per call): the fixed cost of
@@ -42,7 +45,16 @@ shared machine's changing load moves less than a ratio of separate medians;
 times are medians over the ``--repeats`` rounds. Weight memory: float32
 bytes of the binary layers' latent kernels vs their packed bits, and of all
 eval variables vs the packed file's arrays. Last stdout line: one JSON
-object.
+object: ``layers`` (per layer launched alone: ``float_ms``, ``packed_ms``,
+``ffi_ms``, ``speedup``/``ffi_speedup`` against the float layer, with
+``_iqr`` quartiles), ``end_to_end`` (per batch: ``float_ms`` the eval
+forward, ``float_cached_kernels_ms``, ``packed_ms``, ``ffi_ms``, and
+``ffi_speedup``, ``ffi_speedup_vs_cached``, ``ffi_vs_pure`` with quartiles),
+``layers_in_model`` (per binary layer inside the forward: ``float_us``,
+``cached_us``, ``ffi_us``, ``ffi_speedup`` against the eval forward,
+``ffi_speedup_vs_cached``, each with ``_iqr``), ``in_model_speedup`` (min,
+median, max of those over the 3x3 convs, per batch), ``memory``, and the
+machine.
 
   python bench/inference.py                          # ResNet-18, batch 1 and 64, CPU
   python bench/inference.py --model resnet20 --batch_sizes 1,256
@@ -174,6 +186,13 @@ def layers_in_model(runs, bconvs, shapes, batch, rounds, sessions):
           op_profile.op_times(f, *a, rounds=rounds, names=ops[k]), names))
   med = {k: {n: statistics.median(t[n] for t in ts) for n in [*names, "total"]}
          for k, ts in per.items()}
+  # A layer whose scope matched no operation in some program (a naming
+  # mismatch) gets no ratio, and says so, rather than a 0 or an inf.
+  missing = {n: [k for k, ts in per.items() if any(t[n] <= 0 for t in ts)] for n in names}
+  for n, ks in missing.items():
+    if ks:
+      print(f"    warning: no operation under scope {n!r} in the profile of {', '.join(ks)}; "
+            "no ratio for it", file=sys.stderr)
   totals = "  ".join(f"{k} {t['total'] * 1e3:.3f} ms" for k, t in med.items())
   print(f"  inside the forward, batch {batch} ({sessions} x {rounds} calls each; sum of the "
         f"profiled operations: {totals}):")
@@ -186,7 +205,7 @@ def layers_in_model(runs, bconvs, shapes, batch, rounds, sessions):
     for k in runs:
       row[f"{k}_us"] = med[k][n] * 1e6
       line += f"  {k} {med[k][n] * 1e6:7.1f} us"
-    if "ffi" in runs and med["ffi"][n] > 0:
+    if "ffi" in runs and not missing[n]:
       for base, key in (("float", "ffi_speedup"), ("cached", "ffi_speedup_vs_cached")):
         r = ratio_stats([t[n] for t in per[base]], [t[n] for t in per["ffi"]])
         row[key], row[f"{key}_iqr"] = r["median"], [r["q25"], r["q75"]]

@@ -38,7 +38,9 @@ def op_names(jitted, *args) -> dict[str, str]:
   entry = text[text.index("\nENTRY"):]
   names = {}
   for line in entry.splitlines():
-    m = re.match(r"\s+%?([\w.\-]+) = \S+ ([\w-]+)\(", line)
+    # "[ROOT ]name = shape op(", the shape a tuple "(f32[..], s32[..])" for
+    # multi-output operations (sorts, multi-output fusions, loops).
+    m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = (?:\(.*?\)|\S+) ([a-z][\w-]*)\(", line)
     if m and m.group(2) not in _NOT_RUN:
       op = re.search(r'op_name="([^"]*)"', line)
       names[m.group(1)] = op.group(1) if op else ""

@@ -30,3 +30,20 @@ def test_scopes_get_their_own_operations_and_the_big_one_costs_more():
   # Three 256^3 matmuls against one 256-element sort: the profile must tell them apart.
   assert s["big"] > 10 * s["small"] > 0
   assert s["big"] + s["small"] <= s["total"] + 1e-12
+
+
+def test_tuple_shaped_and_root_operations_are_found():
+  """A multi-output op (an argsort's sort returns values and indices) and the
+  program's ROOT instruction are operations too."""
+  def f(x):
+    with jax.named_scope("order"):
+      return jnp.argsort(x)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=4096).astype(np.float32))
+  text = jax.jit(f).lower(x).compile().as_text()
+  names = op_profile.op_names(jax.jit(f), x)
+  entry = text[text.index("\nENTRY"):]
+  sorts = [l for l in entry.splitlines() if " sort(" in l]
+  assert sorts and "(" in sorts[0].split("=")[1].split()[0]  # a tuple-shaped sort
+  assert any(op.endswith("sort") or "/order/" in op for op in names.values())
+  assert len(names) == sum(1 for l in entry.splitlines()[1:] if " = " in l
+                           and not any(f" {k}(" in l for k in op_profile._NOT_RUN))  # pylint: disable=protected-access
