@@ -54,6 +54,8 @@ class RunLock:
     stale_after_s: see above; default 10 heartbeats (10 minutes without heartbeat).
   """
 
+  join_timeout_s = 5.0  # How long release() waits for the heartbeat thread to end.
+
   def __init__(self, workdir: str, *, heartbeat_s: float = 60.0,
                stale_after_s: float | None = None):
     self.workdir = workdir
@@ -67,6 +69,10 @@ class RunLock:
                  "started": time.time(), "heartbeat": time.time(),
                  "job": os.environ.get("SLURM_JOB_ID", "")}
     self._stop = threading.Event()
+    # The heartbeat's check-and-rewrite and release's unlink exclude each
+    # other: a heartbeat that had passed its stop check when release() came
+    # would otherwise write the lock again after release() deleted it.
+    self._mutex = threading.Lock()
     self._thread = None
     self.held = False
 
@@ -132,15 +138,18 @@ class RunLock:
 
   def _beat(self) -> None:
     while not self._stop.wait(self.heartbeat_s):
-      current = self._read()
-      if current and current.get("token") != self.token:
-        logging.error("The run lock %s was taken by %s.", self.path, self.describe(current))
-        return
-      self.info["heartbeat"] = time.time()
-      try:
-        self._rewrite(json.dumps(self.info))
-      except OSError as e:  # A full disk must not stop training.
-        logging.warning("Could not refresh the run lock %s: %s", self.path, e)
+      with self._mutex:
+        if self._stop.is_set():  # Released while this thread waited for the mutex.
+          return
+        current = self._read()
+        if current and current.get("token") != self.token:
+          logging.error("The run lock %s was taken by %s.", self.path, self.describe(current))
+          return
+        self.info["heartbeat"] = time.time()
+        try:
+          self._rewrite(json.dumps(self.info))
+        except OSError as e:  # A full disk must not stop training.
+          logging.warning("Could not refresh the run lock %s: %s", self.path, e)
 
   def _rewrite(self, data: str) -> None:
     """Replaces the lock's contents so that a reader never sees it half-written
@@ -155,13 +164,19 @@ class RunLock:
 
   def release(self) -> None:
     self._stop.set()
+    # Under the mutex: a heartbeat write in progress finishes first, and none
+    # starts after it (each checks _stop under the mutex), however long the
+    # heartbeat thread goes unscheduled on a loaded machine. The join below
+    # only tidies up; the lock file no longer depends on it.
+    with self._mutex:
+      if self.held:
+        current = self._read()
+        if current and current.get("token") == self.token:
+          self.path.unlink(missing_ok=True)
+        self.held = False
     if self._thread is not None:
-      self._thread.join(timeout=5)
-    if self.held:
-      current = self._read()
-      if current and current.get("token") == self.token:
-        self.path.unlink(missing_ok=True)
-      self.held = False
+      self._thread.join(timeout=self.join_timeout_s)
+      self._thread = None
 
   def __enter__(self) -> "RunLock":
     self.acquire()

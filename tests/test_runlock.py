@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -59,8 +60,41 @@ def test_other_host_lock_is_stale_only_once_its_heartbeat_stopped(tmp_path):
 def test_heartbeat_refreshes_the_lock(tmp_path):
   with runlock.RunLock(str(tmp_path), heartbeat_s=0.05):
     first = json.loads(lock_file(tmp_path).read_text())["heartbeat"]
-    time.sleep(0.3)
+    # Polled, not one fixed sleep: on a loaded machine the heartbeat thread
+    # may wait seconds for a CPU (~0.05 s idle).
+    deadline = time.monotonic() + 60
+    while (json.loads(lock_file(tmp_path).read_text())["heartbeat"] == first
+           and time.monotonic() < deadline):
+      time.sleep(0.02)
     assert json.loads(lock_file(tmp_path).read_text())["heartbeat"] > first
+
+
+def test_a_heartbeat_in_progress_never_writes_the_lock_back_after_release(tmp_path, monkeypatch):
+  """A heartbeat thread that goes unscheduled past release()'s wait for it (a
+  loaded machine) used to write the lock again after release() deleted it:
+  the workdir then looked in use by this (live) process."""
+  entered, go = threading.Event(), threading.Event()
+  rewrite = runlock.RunLock._rewrite  # pylint: disable=protected-access
+
+  def slow_rewrite(self, data):
+    entered.set()
+    go.wait(10)  # The heartbeat stalls here, past its stop check.
+    rewrite(self, data)
+
+  monkeypatch.setattr(runlock.RunLock, "_rewrite", slow_rewrite)
+  monkeypatch.setattr(runlock.RunLock, "join_timeout_s", 0.05)  # release() gives up on it early.
+  lock = runlock.RunLock(str(tmp_path), heartbeat_s=0.01)
+  lock.acquire()
+  beat = lock._thread  # pylint: disable=protected-access
+  assert entered.wait(60)
+  releaser = threading.Thread(target=lock.release)
+  releaser.start()
+  releaser.join(0.3)  # Past join_timeout_s: the stalled write comes after release() gave up.
+  go.set()
+  releaser.join(60)
+  beat.join(60)
+  assert not releaser.is_alive() and not beat.is_alive()
+  assert not lock_file(tmp_path).exists() and not lock.held
 
 
 def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
