@@ -164,49 +164,55 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
 
   preempt = preemption.PreemptionHandler().install()
-  for step in range(start, total):
-    batch = next(batches)
-    state_dev, metrics = setup.steps.train(state_dev, par.batch_input(batch))
-    done = step + 1
-    pending.append((done, par.output(metrics)))
-    n_interval += 1
-    is_last = done == total
-    if done % config.log_every_steps == 0 or is_last:
-      summary = flush()
-      elapsed = time.time() - t_interval
-      summary["images_per_second"] = n_interval * config.batch_size / max(elapsed, 1e-9)
-      summary["epoch"] = done / setup.steps_per_epoch
-      summary["images_seen"] = done * config.batch_size
-      summary["elapsed_s"] = time.time() - t_start  # Since this process started training.
-      writer.write(done, "train", summary)
-      rate = (done - start) / max(time.time() - t_start, 1e-9)
-      logging.info("step %d/%d (%.1f%%) loss %.4f acc %.4f lr %.4g | %.0f img/s | ETA %s",
-                   done, total, 100 * done / total, summary["loss"], summary.get("accuracy", math.nan),
-                   summary["learning_rate"], summary["images_per_second"],
-                   format_eta((total - done) / rate))
-      t_interval, n_interval = time.time(), 0
-    preempted = preempt.reached(done)  # Every process, every step: the same answer.
-    if done % config.checkpoint_every_steps == 0 or is_last or preempted:
-      flush()
-      ckpt.save(done, par.from_step_layout(state_dev))
-    if preempted:
-      _close(batches)
-      ckpt.close()
-      writer.close()
-      preempt.uninstall()
-      logging.warning("%s", preempt.exit_line(done, ckpt.directory))
-      return last_eval
-    # A label-free run's classifier is untrained: its held-out test is a linear probe.
-    if ((done % config.eval_every_steps == 0 or is_last) and setup.eval_ds is not None
-        and task.uses_labels):
-      flush()
-      last_eval = setup.evaluate(state_dev)
-      writer.write(done, "eval", last_eval)
-      logging.info("eval at step %d: loss %.4f accuracy %.4f (%d examples)", done,
-                   last_eval["loss"], last_eval["accuracy"], last_eval["num_examples"])
-      t_interval = time.time()
-  preempt.uninstall()
-  _close(batches)
+  try:
+    for step in range(start, total):
+      batch = next(batches)
+      state_dev, metrics = setup.steps.train(state_dev, par.batch_input(batch))
+      done = step + 1
+      pending.append((done, par.output(metrics)))
+      n_interval += 1
+      is_last = done == total
+      if done % config.log_every_steps == 0 or is_last:
+        summary = flush()
+        elapsed = time.time() - t_interval
+        summary["images_per_second"] = n_interval * config.batch_size / max(elapsed, 1e-9)
+        summary["epoch"] = done / setup.steps_per_epoch
+        summary["images_seen"] = done * config.batch_size
+        summary["elapsed_s"] = time.time() - t_start  # Since this process started training.
+        writer.write(done, "train", summary)
+        rate = (done - start) / max(time.time() - t_start, 1e-9)
+        logging.info("step %d/%d (%.1f%%) loss %.4f acc %.4f lr %.4g | %.0f img/s | ETA %s",
+                     done, total, 100 * done / total, summary["loss"], summary.get("accuracy", math.nan),
+                     summary["learning_rate"], summary["images_per_second"],
+                     format_eta((total - done) / rate))
+        t_interval, n_interval = time.time(), 0
+      preempted = preempt.reached(done)  # Every process, every step: the same answer.
+      if done % config.checkpoint_every_steps == 0 or is_last or preempted:
+        flush()
+        ckpt.save(done, par.from_step_layout(state_dev))
+      if preempted:
+        _close(batches)
+        ckpt.close()
+        writer.close()
+        preempt.uninstall()
+        logging.warning("%s", preempt.exit_line(done, ckpt.directory))
+        return last_eval
+      # A label-free run's classifier is untrained: its held-out test is a linear probe.
+      if ((done % config.eval_every_steps == 0 or is_last) and setup.eval_ds is not None
+          and task.uses_labels):
+        flush()
+        last_eval = setup.evaluate(state_dev)
+        writer.write(done, "eval", last_eval)
+        logging.info("eval at step %d: loss %.4f accuracy %.4f (%d examples)", done,
+                     last_eval["loss"], last_eval["accuracy"], last_eval["num_examples"])
+        t_interval = time.time()
+  finally:
+    # Also when a step raises (a non-finite loss, bad data): the signal handlers
+    # of this run go back and streamed-input workers stop, so that a process
+    # that carries on (a notebook, a test session) keeps neither. A handler
+    # left installed would swallow every later SIGTERM and Ctrl-C.
+    preempt.uninstall()
+    _close(batches)
   ckpt.close()
   writer.close()
   if start >= total:

@@ -5,6 +5,7 @@ retracing, NaN stops the run, resume, the run's config.json."""
 import functools
 import json
 import shutil
+import signal
 
 import chex
 import jax
@@ -254,8 +255,11 @@ def test_run_driver_names_stay_importable_from_train():
 def test_nan_loss_stops_with_the_step(tmp_path):
   config = small_config(learning_rate=1e30, num_train_steps=6, checkpoint_every_steps=2,
                         log_every_steps=3, **{"cmim.weight": 0.0})
+  handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
   with pytest.raises(FloatingPointError, match=r"at step \d"):
     train.train_and_evaluate(config, str(tmp_path))
+  # The failed run's preemption handlers went with it (else they swallow later signals).
+  assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
