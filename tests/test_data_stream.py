@@ -1,7 +1,9 @@
 """The streaming pipeline (data/streaming.py): folders of mixed-size JPEGs."""
 
+import gc
 import io
 import logging
+import multiprocessing.synchronize
 import os
 
 import numpy as np
@@ -320,9 +322,26 @@ def test_corrupt_image_in_a_worker_stops_the_run_with_its_path(tmp_path):
     fh.write(b'not a jpeg')
   train, _, _ = ip.get_datasets(stream_config(root, workers=2, prefetch=1),
                                 global_batch_size=4, seed=0)
-  with pytest.raises(streaming.CorruptImageError, match='bee/002.jpg'):
-    for _ in train.iterator(0, num_steps=train.steps_per_epoch):
-      pass
+
+  def locks():
+    return sum(isinstance(o, multiprocessing.synchronize.SemLock)
+               for o in gc.get_objects())
+
+  gc.disable()  # No collection may tidy up behind the stream's back.
+  try:
+    with pytest.raises(streaming.CorruptImageError, match='bee/002.jpg'):
+      for _ in train.iterator(0, num_steps=train.steps_per_epoch):
+        pass
+    # The failed stream's workers and their locks are gone when the error
+    # arrives, none left for a later collection: finalized then, the locks'
+    # finalizers (they import) could land inside tfds's import-time patch of
+    # __import__ in another test and fail it (test_no_imagenet_... below,
+    # under load). Grain's own process-wide locks stay in both counts.
+    left = locks()
+    gc.collect()
+    assert left == locks()
+  finally:
+    gc.enable()
 
 
 # tfds's lazily imported modules can be collected mid-import on a pytest

@@ -172,10 +172,27 @@ class _Counted:
       # reference cycle (its worker thread's frame), so its shared memory
       # is unlinked only by the garbage collector, or reported leaked at
       # exit: collect now, once per finished pass.
-      self.close()
-      gc.collect()
-      _flush_grain_unlinks()
+      self._release()
       raise
+    except Exception as e:  # pylint: disable=broad-except
+      if not self._grain:
+        raise
+      # A failed stream (a corrupt image in a worker) is released here too,
+      # before the error leaves: else its multiprocessing locks are finalized
+      # at some later moment (when Grain's threads let go, then a GC). Their
+      # finalizers import (multiprocessing.resource_tracker), and run inside
+      # another library's import-time patch of builtins.__import__ (tfds's
+      # etils lazy_imports) that import fails: pytest then fails whatever
+      # test is running. The traceback's frames hold the stream, so they go
+      # first (the message names the image; Grain hides its frames anyway).
+      error, seen = e, set()
+      while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+      del error
+      self._release()
+      raise e  # The same error, its cause and context as they were.
     # Grain's arrays live in shared memory, unlinked when the array is
     # freed: one still referenced at exit (the last batch, a jax array
     # aliasing it) is reported leaked. Own copies free them right away.
@@ -190,6 +207,11 @@ class _Counted:
 
   def close(self):
     self._finalizer()
+
+  def _release(self):
+    self.close()
+    gc.collect()
+    _flush_grain_unlinks()
 
 
 class _Streamed:
