@@ -79,7 +79,9 @@ def _build(path: str) -> str:
     # arithmetic (Pillow's are computed without), so they round alike.
     return [cc, '-O2', '-ffp-contract=off', '-shared', '-fPIC', '-o', out,
             *_SOURCES[:2], '-ljpeg']
-  return native.build_once(path, command, timeout=120, error=OSError)
+  # native.build_once's default timeout (600 s), as for the C++ kernel: on a
+  # heavily loaded machine a compile of a few seconds can take much longer.
+  return native.build_once(path, command, error=OSError)
 
 
 def _load():
