@@ -154,7 +154,7 @@ def bconv_inputs(program, x):
     if layer["op"] == "bconv":
       shapes[layer["name"]] = regs[layer.get("src", "x")].shape
     regs[layer.get("dst", "x")] = jax.eval_shape(
-        lambda r, l=layer: program._run(l, r), regs)  # pylint: disable=protected-access
+        lambda r, l=layer: program.run_layer(l, r), regs)
     regs = {k: jnp.zeros(v.shape, v.dtype) if isinstance(v, jax.ShapeDtypeStruct) else v
             for k, v in regs.items()}
   return shapes
@@ -334,7 +334,7 @@ def main():
       x_b = jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)  # binarize.sign
       return jax.lax.conv_general_dilated(x_b, w_b, strides, padding,
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    packed_layer = lambda x, layer=layer: program._run(layer, {layer["src"]: x})  # pylint: disable=protected-access
+    packed_layer = lambda x, layer=layer: program.run_layer(layer, {layer["src"]: x})
     ffi_layer = lambda x, layer=layer: ffi.run_group(ffi_program, [layer], {layer["src"]: x})
     for b in batch_sizes:
       x = jnp.asarray(rng.normal(size=(b, *in_shape[1:])).astype(np.float32))

@@ -99,15 +99,12 @@ def load(path: str, kernel: str = "auto") -> PackedModel:
 
 def _check_bits(path, layer, bits, version):
   """A bconv's packed kernel: uint32 words ``[kh, kw, cout, ceil(cin / 32)]``,
-  or from format 2 one uint16 (uint8) word where cin <= 16 (8)."""
+  or from format 2 in :func:`infer.stored_word_dtype`."""
   name, cin = layer.get("name"), layer.get("cin")
   if bits is None or not isinstance(cin, int):
     raise ExportFileError(f"{path}: layer {name!r} has no packed kernel (bits) or no cin; "
                           "re-export the model.")
-  allowed = {np.dtype(np.uint32)}
-  if version >= 2:
-    allowed |= {np.dtype(np.uint16)} if cin <= 16 else set()
-    allowed |= {np.dtype(np.uint8)} if cin <= 8 else set()
+  allowed = {np.dtype(np.uint32)} | ({infer.stored_word_dtype(cin)} if version >= 2 else set())
   want = (*layer.get("kernel", ()), layer.get("cout"), infer.num_words(cin))
   if bits.dtype not in allowed or tuple(bits.shape) != want:
     raise ExportFileError(

@@ -348,9 +348,6 @@ def run_group(program, group, regs) -> jax.Array:
   CPU, the program's pure-JAX layers on any other platform."""
   from cmim_jax.export import infer  # pylint: disable=import-outside-toplevel
   conv = group[0]
-  name = conv["name"]
-  if name not in program._ffi_words:  # pylint: disable=protected-access
-    program._ffi_words[name] = kernel_words(program._a(conv, "bits"), conv["cin"])  # pylint: disable=protected-access
   x = regs[conv.get("src", "x")]
   ops = [l["op"] for l in group]
   residual, res_reg = None, None
@@ -366,23 +363,15 @@ def run_group(program, group, regs) -> jax.Array:
     if res_reg is not None:
       local[res_reg] = residual
     for layer in group:
-      local[layer.get("dst", "x")] = program._run(layer, local)  # pylint: disable=protected-access
+      local[layer.get("dst", "x")] = program.run_layer(layer, local)
     return local[group[-1].get("dst", "x")]
 
-  if conv.get("shift") not in (None, "asd"):
-    return pure(x, residual)  # Raises, naming the unknown shift.
-
   def on_cpu(x, residual):
-    if conv.get("shift") == "asd":
-      x = infer._asd(x, {"fc1": program._a(conv, "shift_fc1"),  # pylint: disable=protected-access
-                         "fc2": program._a(conv, "shift_fc2")})  # pylint: disable=protected-access
-    bn = None
-    if "bn" in ops:
-      layer = group[1]
-      bn = (program._a(layer, "mean"), program._bn_mul[layer["name"]], program._a(layer, "bias"))  # pylint: disable=protected-access
-    return bconv(x, program._ffi_words[name], program._a(conv, "alpha"), cin=conv["cin"],  # pylint: disable=protected-access
-                 strides=conv["strides"], padding=infer._pairs(conv["padding"]), bn=bn,  # pylint: disable=protected-access
-                 residual=residual, clip="hardtanh" in ops)
+    bn = program.bn_terms(group[1]) if "bn" in ops else None
+    return bconv(program.shifted_input(conv, x), program.kernel_words(conv),
+                 program.array(conv, "alpha"), cin=conv["cin"], strides=conv["strides"],
+                 padding=infer.padding_pairs(conv["padding"]), bn=bn, residual=residual,
+                 clip="hardtanh" in ops)
 
   if residual is None:
     return jax.lax.platform_dependent(x, None, cpu=on_cpu, default=pure)

@@ -62,16 +62,17 @@ def pack_bits_np(bits: np.ndarray) -> np.ndarray:
   return np.sum(b << np.arange(WORD_BITS, dtype=np.uint64), axis=-1).astype(np.uint32)
 
 
+def stored_word_dtype(cin: int) -> np.dtype:
+  """The word type a kernel of ``cin`` input channels is stored in (format
+  version 2): uint8 / uint16 for at most 8 / 16 channels (the low bits of
+  its one 32-bit word), uint32 otherwise; one bit per weight either way."""
+  return np.dtype(np.uint8 if cin <= 8 else np.uint16 if cin <= 16 else np.uint32)
+
+
 def narrow_words(words: np.ndarray, cin: int) -> np.ndarray:
-  """The stored form of :func:`pack_bits_np`'s words: a layer with at most 8
-  (16) input channels uses the low 8 (16) bits of its one word, kept as
-  uint8 (uint16), so that every binary kernel takes one bit per weight
-  (format version 2); the same bits, read back by widening."""
-  if cin <= 8:
-    return words.astype(np.uint8)
-  if cin <= 16:
-    return words.astype(np.uint16)
-  return words
+  """:func:`pack_bits_np`'s words in their stored type (:func:`stored_word_dtype`);
+  the same bits, read back by widening."""
+  return words.astype(stored_word_dtype(cin), copy=False)
 
 
 def unpack_bits_np(words: np.ndarray, channels: int) -> np.ndarray:
@@ -193,7 +194,7 @@ def xnor_conv(x: Array, bits: Array, *, cin: int, strides: Sequence[int],
 # The layer program
 # --------------------------------------------------------------------------
 
-def _pairs(p) -> tuple[tuple[int, int], tuple[int, int]]:
+def padding_pairs(p) -> tuple[tuple[int, int], tuple[int, int]]:
   return tuple(tuple(int(v) for v in q) for q in p)  # type: ignore[return-value]
 
 
@@ -270,7 +271,7 @@ class Program:
       raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
     self.kernel = kernel
     self._plan: list[tuple[int, ...]] | None = None  # ffi.fusion_plan, built on first use
-    self._ffi_words: dict[str, np.ndarray] = {}      # ffi.kernel_words per layer
+    self._ffi_words: dict[str, np.ndarray] = {}      # kernel_words(), per layer
     self.layers = [dict(l) for l in layers]
     self.arrays = dict(arrays)
     self.input_shape = tuple(int(v) for v in input_shape)
@@ -278,19 +279,20 @@ class Program:
     self.std = np.asarray(std, np.float32)
     self._borders: dict[tuple[str, int, int], np.ndarray] = {}
     bns = [l for l in self.layers if l["op"] == "bn"]
-    muls = bn_multipliers([(self._a(l, "var"), self._a(l, "scale"), float(l["eps"])) for l in bns])
+    muls = bn_multipliers([(self.array(l, "var"), self.array(l, "scale"), float(l["eps"])) for l in bns])
     self._bn_mul = {l["name"]: m for l, m in zip(bns, muls)}
 
-  def _a(self, layer, key):
+  def array(self, layer, key):
+    """The layer's array ``key`` (``bits``, ``alpha``, ``mean``, ...)."""
     return self.arrays[f"{layer['name']}/{key}"]
 
   def _border(self, layer, hw) -> np.ndarray | None:
-    pad = _pairs(layer["padding"])
+    pad = padding_pairs(layer["padding"])
     if not any(v for p in pad for v in p):
       return None
     key = (layer["name"], int(hw[0]), int(hw[1]))
     if key not in self._borders:
-      sums = kernel_sign_sums(self._a(layer, "bits"), layer["cin"])
+      sums = kernel_sign_sums(self.array(layer, "bits"), layer["cin"])
       self._borders[key] = border_map(sums, hw, layer["strides"], pad)
     return self._borders[key]
 
@@ -321,11 +323,11 @@ class Program:
           if first["op"] == "bconv":
             regs[last.get("dst", "x")] = ffi.run_group(self, [self.layers[i] for i in group], regs)
           else:
-            regs[first.get("dst", "x")] = self._run(first, regs)
+            regs[first.get("dst", "x")] = self.run_layer(first, regs)
       return regs["x"]
     for layer in self.layers:
       with jax.named_scope(layer["name"]):
-        regs[layer.get("dst", "x")] = self._run(layer, regs)
+        regs[layer.get("dst", "x")] = self.run_layer(layer, regs)
     return regs["x"]
 
   def _use_ffi(self) -> bool:
@@ -338,26 +340,44 @@ class Program:
       return True
     return ffi.available()
 
-  def _run(self, layer, regs) -> Array:
+  def bn_terms(self, layer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A ``bn`` layer's (mean, mul, bias): ``(x - mean) * mul + bias``."""
+    return self.array(layer, "mean"), self._bn_mul[layer["name"]], self.array(layer, "bias")
+
+  def shifted_input(self, layer, x: Array) -> Array:
+    """A ``bconv``'s input after its optional input shift (SD-BNN's ASD)."""
+    shift = layer.get("shift")
+    if shift == "asd":
+      return _asd(x, {"fc1": self.array(layer, "shift_fc1"), "fc2": self.array(layer, "shift_fc2")})
+    if shift is not None:
+      raise ValueError(f"layer {layer['name']!r}: unknown input shift {shift!r} "
+                       f"(known: {BCONV_SHIFTS})")
+    return x
+
+  def kernel_words(self, layer) -> np.ndarray:
+    """The ``bconv``'s kernel as the C++ kernel reads it (:func:`ffi.kernel_words`), made once."""
+    from cmim_jax.export import ffi  # pylint: disable=import-outside-toplevel
+    if layer["name"] not in self._ffi_words:
+      self._ffi_words[layer["name"]] = ffi.kernel_words(self.array(layer, "bits"), layer["cin"])
+    return self._ffi_words[layer["name"]]
+
+  def run_layer(self, layer, regs) -> Array:
+    """One layer of the program on the registers ``regs`` (pure JAX); its result."""
     op = layer["op"]
     x = regs[layer.get("src", "x")]
     name = layer["name"]
-    a = lambda key: self._a(layer, key)
+    a = lambda key: self.array(layer, key)
     if op == "bconv":
-      shift = layer.get("shift")
-      if shift == "asd":
-        x = _asd(x, {"fc1": a("shift_fc1"), "fc2": a("shift_fc2")})
-      elif shift is not None:
-        raise ValueError(f"layer {name!r}: unknown input shift {shift!r} (known: {BCONV_SHIFTS})")
+      x = self.shifted_input(layer, x)
       dot = xnor_conv(x, a("bits"), cin=layer["cin"], strides=layer["strides"],
-                      padding=_pairs(layer["padding"]), border=self._border(layer, x.shape[1:3]))
+                      padding=padding_pairs(layer["padding"]), border=self._border(layer, x.shape[1:3]))
       return dot.astype(jnp.float32) * a("alpha")
     if op == "conv":
       return jax.lax.conv_general_dilated(
           x, a("kernel"), window_strides=tuple(layer["strides"]),
-          padding=_pairs(layer["padding"]), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+          padding=padding_pairs(layer["padding"]), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if op == "bn":
-      return _batch_norm(x, a("mean"), self._bn_mul[name], a("bias"))
+      return _batch_norm(x, *self.bn_terms(layer))
     if op == "channel_add":
       # ReActNet's RSign shift, as layers.RSign adds it (float32 + float32).
       return x + a("bias")
@@ -370,9 +390,9 @@ class Program:
     if op == "concat":  # Along channels: ReActNet-A's doubling blocks.
       return jnp.concatenate([x, regs[layer["src2"]]], axis=-1)
     if op == "max_pool":
-      return _max_pool(x, layer["window"], layer["strides"], _pairs(layer["padding"]))
+      return _max_pool(x, layer["window"], layer["strides"], padding_pairs(layer["padding"]))
     if op == "avg_pool":
-      return _avg_pool(x, layer["window"], layer["strides"], _pairs(layer["padding"]))
+      return _avg_pool(x, layer["window"], layer["strides"], padding_pairs(layer["padding"]))
     if op == "option_a":
       s = layer["stride"]
       y = x[:, ::s, ::s, :]
