@@ -190,11 +190,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if done % config.checkpoint_every_steps == 0 or is_last or preempted:
         flush()
         ckpt.save(done, par.from_step_layout(state_dev))
-      if preempted:
-        _close(batches)
+      if preempted:  # (the finally below stops the input and uninstalls the handlers)
         ckpt.close()
         writer.close()
-        preempt.uninstall()
         logging.warning("%s", preempt.exit_line(done, ckpt.directory))
         return last_eval
       # A label-free run's classifier is untrained: its held-out test is a linear probe.

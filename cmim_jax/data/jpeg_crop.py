@@ -42,9 +42,8 @@ import numpy as np
 from cmim_jax import native
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCE = os.path.join(_HERE, 'jpeg_crop.c')
-_SOURCES = (_SOURCE, os.path.join(_HERE, 'resample.c'),
-            os.path.join(_HERE, 'resample.h'))
+_C_SOURCES = tuple(os.path.join(_HERE, f) for f in ('jpeg_crop.c', 'resample.c'))
+_SOURCES = _C_SOURCES + (os.path.join(_HERE, 'resample.h'),)  # all keyed into the build
 _ERR_LEN = 200
 _state: dict = {}
 
@@ -78,7 +77,7 @@ def _build(path: str) -> str:
     # -ffp-contract=off: no fused multiply-adds in the filter weights' double
     # arithmetic (Pillow's are computed without), so they round alike.
     return [cc, '-O2', '-ffp-contract=off', '-shared', '-fPIC', '-o', out,
-            *_SOURCES[:2], '-ljpeg']
+            *_C_SOURCES, '-ljpeg']
   # native.build_once's default timeout (600 s), as for the C++ kernel: on a
   # heavily loaded machine a compile of a few seconds can take much longer.
   return native.build_once(path, command, error=OSError)
