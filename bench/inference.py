@@ -73,7 +73,6 @@ import functools
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -134,11 +133,7 @@ def executed_ops(jitted, *args) -> int:
   """Top-level operations of the compiled program (fusions, convolutions,
   concatenations, ...; not constants, parameters or bitcasts): on CPU each is
   dispatched separately, a fixed cost that dominates small layers at batch 1."""
-  text = jitted.lower(*args).compile().as_text()
-  entry = text[text.index("\nENTRY"):]
-  ops = re.findall(r"^\s+\S+ = \S+ ([\w-]+)\(", entry, flags=re.M)
-  return sum(op not in ("constant", "parameter", "bitcast", "tuple", "get-tuple-element")
-             for op in ops)
+  return len(op_profile.op_names(jitted, *args))
 
 
 def ratio_stats(num, den):
